@@ -1,0 +1,5 @@
+import sys
+
+from facellava.cli import main
+
+sys.exit(main())

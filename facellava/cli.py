@@ -1,0 +1,59 @@
+"""The `facellava` command: a thin layer over the stage functions of each subpackage.
+
+Subcommands live in their subpackages' `cli` modules: a function `NAME(args) -> int` and `NAME_arguments(parser)`.
+Only the chosen one's module is imported, so `facellava run` on a device never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from facellava import __version__
+from facellava.errors import FaceLlavaError
+
+# command -> (module, function, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
+    "make-tiny": ("facellava.model.cli", "make_tiny", "write a tiny random checkpoint in the official layout"),
+    "inspect": ("facellava.model.cli", "inspect", "load a checkpoint, check it, and print what it holds"),
+}
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="facellava",
+        description="Face-LLaVA edge toolchain: checkpoint -> ONNX/TensorRT + GGUF -> runtime.",
+    )
+    parser.add_argument("--version", action="version", version=f"facellava {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, _, help_text) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the command line, run one subcommand, return the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in SUBCOMMANDS:
+        parser = _top_parser()
+        if not argv:
+            parser.print_help()
+            return 2
+        parser.parse_args(argv)  # prints the usage error or --help/--version and exits
+        return 2
+    name, rest = argv[0], argv[1:]
+    module_name, function, help_text = SUBCOMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"facellava {name}", description=help_text)
+    getattr(module, f"{function}_arguments")(parser)
+    args = parser.parse_args(rest)
+    try:
+        return int(getattr(module, function)(args) or 0)
+    except FaceLlavaError as error:
+        print(f"facellava {name}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"facellava {name}: interrupted", file=sys.stderr)
+        return 130

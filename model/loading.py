@@ -1,0 +1,401 @@
+"""Reading Face-LLaVA checkpoints in the official layout: lazily, strictly, without doubling memory.
+
+A checkpoint directory holds `config.json`, the weights (sharded `.bin` with `pytorch_model.bin.index.json`, a
+single `pytorch_model.bin`, or safetensors, single or sharded) and `tokenizer.model`. The vision towers come
+from LanguageBind directories (given, or named by `mm_image_tower` / `mm_video_tower`), or from tower weights
+stored inside the checkpoint. Which checkpoint tensor goes where is the table `CHECKPOINT_PREFIXES`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from facellava.errors import FaceLlavaError
+from facellava.model.modeling import FaceLlava, FaceLlavaConfig, TowerConfig
+
+CONFIG_NAME = "config.json"
+TOKENIZER_NAME = "tokenizer.model"
+# (index file, single file), in order of preference
+WEIGHT_LAYOUTS = (
+    ("model.safetensors.index.json", "model.safetensors"),
+    ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+)
+
+# Official checkpoint prefix -> our module prefix; the first match wins. Towers (None) are loaded on their own.
+CHECKPOINT_PREFIXES: tuple[tuple[str, str | None], ...] = (
+    ("model.mm_projector.", "mm_projector."),
+    ("model.landmarks_projector.", "landmarks_projector."),
+    ("model.global_landmarks_projector.", "global_landmarks_projector."),
+    ("model.landmarks_cross_attn.", "landmarks_cross_attn."),
+    ("model.image_tower.", None),
+    ("model.video_tower.", None),
+    ("model.", "llm.model."),
+    ("lm_head.", "llm.lm_head."),
+)
+TOWER_PREFIXES = {"image": "model.image_tower.", "video": "model.video_tower."}
+IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")  # saved by old transformers; recomputed
+
+# Tower keys (after `vision_model.`) that the features never use.
+UNUSED_TOWER_KEYS = re.compile(r"^(post_layernorm\..*|embeddings\.position_ids)$")
+TOWER_LAYER_KEY = re.compile(r"^encoder\.layers\.(\d+)\.")
+
+REQUIRED_LLAMA_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                         "vocab_size")
+
+
+def module_key(checkpoint_key: str) -> str | None:
+    """Our module's name for an official checkpoint key; None for tower keys and keys we do not know."""
+    for prefix, target in CHECKPOINT_PREFIXES:
+        if checkpoint_key.startswith(prefix):
+            return None if target is None else target + checkpoint_key[len(prefix):]
+    return None
+
+
+def is_llm_key(checkpoint_key: str) -> bool:
+    """True for the LLaMA decoder's tensors (what the GGUF keeps), False for towers, projectors, FRLP, FRGCA."""
+    name = module_key(checkpoint_key)
+    return name is not None and name.startswith("llm.")
+
+
+# --- config -------------------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FaceLlavaError(f"{path.parent} has no {path.name}: not {what}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise FaceLlavaError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise FaceLlavaError(f"{path} does not hold a JSON object")
+    return data
+
+
+def _checkpoint_dir(path: str | Path) -> Path:
+    directory = Path(path)
+    if not directory.exists():
+        raise FaceLlavaError(f"checkpoint directory {directory} does not exist")
+    if not directory.is_dir():
+        raise FaceLlavaError(f"{directory} is a file; expected a checkpoint directory")
+    return directory
+
+
+def read_config(checkpoint_dir: str | Path) -> FaceLlavaConfig:
+    """Read and check a Face-LLaVA `config.json`. Raises FaceLlavaError for anything that is not Face-LLaVA."""
+    directory = _checkpoint_dir(checkpoint_dir)
+    path = directory / CONFIG_NAME
+    return read_config_dict(_read_json(path, "a Face-LLaVA checkpoint"), where=str(path))
+
+
+def read_config_dict(raw: dict[str, Any], where: str = CONFIG_NAME) -> FaceLlavaConfig:
+    """Check the fields of a Face-LLaVA config (`where` names it in errors) and return them as a config."""
+    if raw.get("model_type") != "llava":
+        raise FaceLlavaError(f"{where} has model_type {raw.get('model_type')!r}, not 'llava': "
+                             "not a Face-LLaVA checkpoint")
+    missing = [name for name in (*REQUIRED_LLAMA_FIELDS, "mm_projector_type", "mm_hidden_size") if name not in raw]
+    if missing:
+        raise FaceLlavaError(f"{where} lacks {', '.join(missing)}: not a Face-LLaVA checkpoint")
+    if raw.get("rope_scaling"):
+        raise FaceLlavaError(f"rope_scaling {raw['rope_scaling']!r} is not supported (Vicuna-7B v1.5 has none)")
+    if raw.get("use_landmark_tokens"):
+        raise FaceLlavaError("use_landmark_tokens true is not supported (the released model sets it false)")
+    landmarks_type = raw.get("landmarks_projector_type")
+    if landmarks_type not in (None, "landmarks_region_projector"):
+        raise FaceLlavaError(f"landmarks_projector_type {landmarks_type!r} is not supported; "
+                             "expected 'landmarks_region_projector'")
+    if landmarks_type and raw.get("global_landmarks_projector_type", "linear") != "linear":
+        raise FaceLlavaError(f"global_landmarks_projector_type {raw['global_landmarks_projector_type']!r} "
+                             "is not supported; expected 'linear'")
+    cross_attn_type = raw.get("cross_attn_type", "simple") if landmarks_type else None
+    if cross_attn_type not in (None, "simple", "masked"):
+        raise FaceLlavaError(f"cross_attn_type {cross_attn_type!r} is not supported; expected 'simple' or 'masked'")
+    return FaceLlavaConfig(
+        hidden_size=raw["hidden_size"],
+        num_hidden_layers=raw["num_hidden_layers"],
+        num_attention_heads=raw["num_attention_heads"],
+        num_key_value_heads=raw.get("num_key_value_heads") or raw["num_attention_heads"],
+        intermediate_size=raw["intermediate_size"],
+        vocab_size=raw["vocab_size"],
+        rms_norm_eps=raw.get("rms_norm_eps", 1e-5),
+        rope_theta=raw.get("rope_theta", 10000.0),
+        max_position_embeddings=raw.get("max_position_embeddings", 4096),
+        bos_token_id=raw.get("bos_token_id", 1),
+        eos_token_id=raw.get("eos_token_id", 2),
+        mm_projector_type=raw["mm_projector_type"],
+        mm_hidden_size=raw["mm_hidden_size"],
+        mm_vision_select_layer=raw.get("mm_vision_select_layer", -2),
+        mm_image_tower=raw.get("mm_image_tower"),
+        mm_video_tower=raw.get("mm_video_tower"),
+        landmarks_projector_type=landmarks_type,
+        global_landmarks_projector_type="linear" if landmarks_type else None,
+        cross_attn_type=cross_attn_type,
+        branch_scale=raw.get("branch_scale", 0.1),
+        raw=raw,
+    )
+
+
+# --- weights ------------------------------------------------------------------------------------------------
+
+
+class CheckpointWeights:
+    """The tensors of a directory, found through its index and read only when asked.
+
+    `.bin` shards are opened with `torch.load(mmap=True)` and safetensors shards with `safe_open`, so a tensor
+    costs memory only when it is used, and a 7B checkpoint never sits in memory twice.
+    """
+
+    def __init__(self, directory: Path, weight_map: dict[str, Path]):
+        self.directory = directory
+        self.weight_map = weight_map
+        self._shards: dict[Path, Any] = {}
+
+    @classmethod
+    def open(cls, directory: str | Path) -> CheckpointWeights:
+        """Find the weights of `directory`. Raises FaceLlavaError when there are none or a shard is missing."""
+        directory = _checkpoint_dir(directory)
+        for index_name, single_name in WEIGHT_LAYOUTS:
+            index_path = directory / index_name
+            if index_path.exists():
+                weight_map = _read_json(index_path, "a weight index").get("weight_map")
+                if not isinstance(weight_map, dict) or not weight_map:
+                    raise FaceLlavaError(f"{index_path} has no weight_map")
+                shards = {name: directory / name for name in set(weight_map.values())}
+                for name, path in sorted(shards.items()):
+                    if not path.is_file():
+                        raise FaceLlavaError(f"shard {name} listed in {index_name} is missing from {directory}")
+                return cls(directory, {key: shards[name] for key, name in weight_map.items()})
+            single = directory / single_name
+            if single.is_file():
+                weights = cls(directory, {})
+                weights.weight_map = {key: single for key in weights._shard(single).keys()}
+                return weights
+        expected = " or ".join(f"{single}[.index.json]" for _, single in WEIGHT_LAYOUTS)
+        raise FaceLlavaError(f"{directory} holds no weights (expected {expected})")
+
+    def _shard(self, path: Path) -> Any:
+        if path not in self._shards:
+            try:
+                if path.suffix == ".safetensors":
+                    from safetensors import safe_open
+
+                    self._shards[path] = safe_open(str(path), framework="pt")
+                else:
+                    self._shards[path] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            except Exception as error:  # torch and safetensors raise many types for a damaged file
+                raise FaceLlavaError(f"cannot read shard {path}: {str(error).splitlines()[0]}") from None
+        return self._shards[path]
+
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def get(self, key: str) -> torch.Tensor:
+        """One tensor, read from its shard. Raises FaceLlavaError if the shard lacks it or cannot be read."""
+        path = self.weight_map[key]
+        shard = self._shard(path)
+        try:
+            return shard.get_tensor(key) if path.suffix == ".safetensors" else shard[key]
+        except Exception as error:
+            raise FaceLlavaError(f"cannot read tensor {key} from {path}: {str(error).splitlines()[0]}") from None
+
+    def iter_by_shard(self, keys: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (key, tensor) shard by shard, releasing each shard before the next one is opened."""
+        wanted = self.keys() if keys is None else keys
+        for path in sorted({self.weight_map[k] for k in wanted}):
+            for key in (k for k in wanted if self.weight_map[k] == path):
+                yield key, self.get(key)
+            self._shards.pop(path, None)
+
+
+# --- towers -------------------------------------------------------------------------------------------------
+
+
+def _used_layers(num_layers: int, select_layer: int) -> int:
+    # hidden_states has num_layers + 1 entries (the embeddings first); index select_layer of it
+    used = num_layers + 1 + select_layer if select_layer < 0 else select_layer
+    if not 1 <= used <= num_layers:
+        raise FaceLlavaError(f"mm_vision_select_layer {select_layer} does not fit a {num_layers}-layer tower")
+    return used
+
+
+def tower_config_from_languagebind(directory: Path, select_layer: int) -> TowerConfig:
+    """The TowerConfig of a LanguageBind directory's `config.json` (its `vision_config`)."""
+    raw = _read_json(directory / CONFIG_NAME, "a LanguageBind tower directory")
+    vision = raw.get("vision_config")
+    if not isinstance(vision, dict):
+        raise FaceLlavaError(f"{directory / CONFIG_NAME} has no vision_config: not a LanguageBind tower")
+    try:
+        layers = vision["num_hidden_layers"]
+        return TowerConfig(
+            hidden_size=vision["hidden_size"],
+            intermediate_size=vision["intermediate_size"],
+            num_attention_heads=vision["num_attention_heads"],
+            num_hidden_layers=layers,
+            num_used_layers=_used_layers(layers, select_layer),
+            patch_size=vision.get("patch_size", 14),
+            image_size=vision.get("image_size", 224),
+            layer_norm_eps=vision.get("layer_norm_eps", 1e-5),
+            hidden_act=vision.get("hidden_act", "quick_gelu"),
+            num_frames=vision.get("num_frames", 1),
+            add_time_attn=bool(vision.get("add_time_attn", False)),
+        )
+    except KeyError as error:
+        raise FaceLlavaError(f"{directory / CONFIG_NAME} vision_config lacks {error.args[0]}") from None
+
+
+def tower_config_from_tensors(shapes: dict[str, torch.Size], select_layer: int) -> TowerConfig:
+    """Infer a tower's config from its tensors' shapes, for towers stored inside the checkpoint.
+
+    What shapes cannot tell is taken from CLIP ViT convention: 64-dimensional heads, exact GELU (LanguageBind),
+    LayerNorm eps 1e-5. A LanguageBind directory, when available, is the exact source.
+    """
+    layers = 1 + max(int(m.group(1)) for k in shapes if (m := TOWER_LAYER_KEY.match(k)))
+    hidden = shapes["embeddings.class_embedding"][0]
+    patch = shapes["embeddings.patch_embedding.weight"][-1]
+    positions = shapes["embeddings.position_embedding.weight"][0]
+    temporal = shapes.get("encoder.layers.0.temporal_embedding")
+    return TowerConfig(
+        hidden_size=hidden,
+        intermediate_size=shapes["encoder.layers.0.mlp.fc1.weight"][0],
+        num_attention_heads=max(1, hidden // 64),
+        num_hidden_layers=layers,
+        num_used_layers=_used_layers(layers, select_layer),
+        patch_size=patch,
+        image_size=round((positions - 1) ** 0.5) * patch,
+        hidden_act="gelu",
+        num_frames=temporal[1] if temporal is not None else 1,
+        add_time_attn=temporal is not None,
+    )
+
+
+def _tower_source(kind: str, explicit: str | Path | None, config: FaceLlavaConfig, checkpoint_dir: Path,
+                  weights: CheckpointWeights) -> tuple[TowerConfig, dict[str, tuple[CheckpointWeights, str]]] | None:
+    """Where a tower's weights come from: (its config, {tower key: (weights, key there)}), or None."""
+    named = config.mm_image_tower if kind == "image" else config.mm_video_tower
+    directory: Path | None = None
+    if explicit is not None:
+        directory = Path(explicit)
+        if not directory.is_dir():
+            raise FaceLlavaError(f"{kind} tower directory {directory} does not exist")
+    elif named:
+        for candidate in (Path(named), checkpoint_dir / named):
+            if candidate.is_dir():
+                directory = candidate
+                break
+    if directory is not None:
+        tower_config = tower_config_from_languagebind(directory, config.mm_vision_select_layer)
+        tower_weights = CheckpointWeights.open(directory)
+        keys = {k[len("vision_model."):]: (tower_weights, k) for k in tower_weights.keys()
+                if k.startswith("vision_model.")}  # text-tower keys are ignored
+        if not keys:
+            raise FaceLlavaError(f"{directory} has no vision_model.* weights: not a LanguageBind tower")
+        return tower_config, keys
+    prefix = TOWER_PREFIXES[kind]
+    embedded = {k.split("vision_model.", 1)[1]: (weights, k) for k in weights.keys()
+                if k.startswith(prefix) and "vision_model." in k}
+    if not embedded:
+        return None
+    shapes = {key: weights.get(source_key).shape for key, (_, source_key) in embedded.items()}
+    return tower_config_from_tensors(shapes, config.mm_vision_select_layer), embedded
+
+
+def _tower_keys_in_use(keys: dict[str, Any], used_layers: int) -> dict[str, Any]:
+    kept = {}
+    for key, source in keys.items():
+        layer = TOWER_LAYER_KEY.match(key)
+        if UNUSED_TOWER_KEYS.match(key) or (layer and int(layer.group(1)) >= used_layers):
+            continue
+        kept[key] = source
+    return kept
+
+
+# --- the model ----------------------------------------------------------------------------------------------
+
+
+def _name_keys(keys: list[str], limit: int = 6) -> str:
+    shown = ", ".join(sorted(keys)[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def load_face_llava(checkpoint_dir: str | Path, image_tower: str | Path | None = None,
+                    video_tower: str | Path | None = None, dtype: torch.dtype = torch.float32,
+                    branch_scale: float | None = None) -> FaceLlava:
+    """Build a FaceLlava from a checkpoint in the official layout.
+
+    Takes the checkpoint directory, optional LanguageBind tower directories (otherwise `mm_image_tower` /
+    `mm_video_tower` when they name a local directory, otherwise tower weights inside the checkpoint, otherwise
+    no tower), the dtype, and an optional FRGCA branch scale (default: the config's, else 0.1). Loading is
+    strict: a missing, unexpected or wrongly shaped tensor is a FaceLlavaError that names it. Tensors are read
+    lazily, shard by shard, straight into the model. Returns the model in eval mode, with `tokenizer` set when
+    the checkpoint has a `tokenizer.model`.
+    """
+    directory = _checkpoint_dir(checkpoint_dir)
+    config = read_config(directory)
+    if branch_scale is not None:
+        config.branch_scale = branch_scale
+    weights = CheckpointWeights.open(directory)
+    towers = {kind: _tower_source(kind, explicit, config, directory, weights)
+              for kind, explicit in (("image", image_tower), ("video", video_tower))}
+
+    with torch.device("meta"):
+        model = FaceLlava(config, *(t[0] if t else None for t in (towers["image"], towers["video"])))
+    expected = {name: tensor.shape for name, tensor in model.state_dict().items()}
+
+    sources: dict[str, tuple[CheckpointWeights, str]] = {}
+    unexpected: list[str] = []
+    for key in weights.keys():
+        if IGNORED_KEYS.match(key) or any(key.startswith(p) for p in TOWER_PREFIXES.values()):
+            continue
+        name = module_key(key)
+        if name is None or name not in expected:
+            unexpected.append(key)
+        else:
+            sources[name] = (weights, key)
+    for kind, tower in towers.items():
+        if tower is not None:
+            tower_config, keys = tower
+            for key, source in _tower_keys_in_use(keys, tower_config.num_used_layers).items():
+                name = f"{kind}_tower.{key}"
+                if name in expected:
+                    sources[name] = source
+                else:
+                    unexpected.append(f"{kind} tower vision_model.{key}")
+    missing = [name for name in expected if name not in sources]
+    if missing:
+        raise FaceLlavaError(f"{directory}: missing tensors {_name_keys(missing)}")
+    if unexpected:
+        raise FaceLlavaError(f"{directory}: unexpected tensors {_name_keys(unexpected)} "
+                             f"(config.json says cross_attn_type={config.cross_attn_type!r}, "
+                             f"landmarks_projector_type={config.landmarks_projector_type!r})")
+
+    state = {}
+    for name, (source, key) in sources.items():
+        tensor = source.get(key)
+        if tensor.shape != expected[name]:
+            raise FaceLlavaError(f"tensor {key} has shape {tuple(tensor.shape)}, expected {tuple(expected[name])} "
+                                 "from config.json")
+        state[name] = tensor.to(dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    _rebuild_rotary_embedding(model)
+    model.eval()
+    tokenizer_path = directory / TOKENIZER_NAME
+    if tokenizer_path.is_file():
+        import sentencepiece
+
+        model.tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer_path))
+    return model
+
+
+def _rebuild_rotary_embedding(model: FaceLlava) -> None:
+    """RoPE's inverse frequencies are not in the state dict; recompute them off the meta device."""
+    rotary = model.llm.model.rotary_emb
+    model.llm.model.rotary_emb = type(rotary)(config=model.llm.config)
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"tensors left on the meta device after loading: {left}")
