@@ -14,11 +14,20 @@ from collections.abc import Sequence
 from facellava import __version__
 from facellava.errors import FaceLlavaError
 
-# command -> (module, function, one-line help)
+# command (one or two words) -> (module, function, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "make-tiny": ("facellava.model.cli", "make_tiny", "write a tiny random checkpoint in the official layout"),
     "inspect": ("facellava.model.cli", "inspect", "load a checkpoint, check it, and print what it holds"),
 }
+
+
+def _match(argv: list[str]) -> tuple[str, list[str]] | None:
+    """The longest command at the start of argv, and the arguments after it."""
+    for words in (2, 1):
+        name = " ".join(argv[:words])
+        if len(argv) >= words and name in SUBCOMMANDS:
+            return name, argv[words:]
+    return None
 
 
 def _top_parser() -> argparse.ArgumentParser:
@@ -36,14 +45,14 @@ def _top_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line, run one subcommand, return the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in SUBCOMMANDS:
+    matched = _match(argv)
+    if matched is None:
         parser = _top_parser()
-        if not argv:
-            parser.print_help()
-            return 2
-        parser.parse_args(argv)  # prints the usage error or --help/--version and exits
+        if argv:
+            parser.parse_args(argv)  # prints --help/--version, or the usage error, and exits
+        parser.print_help()
         return 2
-    name, rest = argv[0], argv[1:]
+    name, rest = matched
     module_name, function, help_text = SUBCOMMANDS[name]
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"facellava {name}", description=help_text)
