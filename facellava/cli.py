@@ -16,6 +16,7 @@ from facellava.errors import FaceLlavaError
 
 # command (one or two words) -> (module, function, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
+    "demo": ("facellava.demo", "demo", "run the main job on a built-in tiny model (no downloads)"),
     "make-tiny": ("facellava.model.cli", "make_tiny", "write a tiny random checkpoint in the official layout"),
     "inspect": ("facellava.model.cli", "inspect", "load a checkpoint, check it, and print what it holds"),
 }

@@ -64,14 +64,27 @@ def describe(model) -> dict:
     }
 
 
+def _resident_mb() -> float:
+    """Current resident memory (Linux /proc; elsewhere the peak so far)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def inspect(args: argparse.Namespace) -> int:
     from facellava.model.loading import load_face_llava
 
+    rss_before = _resident_mb()
     start = time.perf_counter()
     model = load_face_llava(args.checkpoint, image_tower=args.image_tower, video_tower=args.video_tower)
     info = describe(model)
     info["load_seconds"] = round(time.perf_counter() - start, 3)
     info["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    info["rss_before_load_mb"] = rss_before
     if args.json:
         print(json.dumps(info))
         return 0
@@ -92,5 +105,6 @@ def inspect(args: argparse.Namespace) -> int:
     else:
         print(f"landmarks    FRLP + FRGCA ({landmarks['cross_attn_type']}, branch scale {landmarks['branch_scale']})")
     print("tokenizer    " + ("none" if tokenizer is None else f"SentencePiece, {tokenizer['pieces']} pieces"))
-    print(f"loaded in {info['load_seconds']} s, peak resident memory {info['peak_rss_mb']} MB")
+    print(f"loaded in {info['load_seconds']} s; peak resident memory {info['peak_rss_mb']} MB "
+          f"({info['rss_before_load_mb']} MB before loading: Python, torch, transformers)")
     return 0

@@ -200,7 +200,11 @@ class CheckpointWeights:
         path = self.weight_map[key]
         shard = self._shard(path)
         try:
-            return shard.get_tensor(key) if path.suffix == ".safetensors" else shard[key]
+            if path.suffix == ".safetensors":
+                # safetensors returns views at the file's (8-byte) offsets; a 64-byte-aligned copy makes the
+                # matmul kernels take the same path, so .bin and safetensors give bit-identical outputs
+                return shard.get_tensor(key).clone()
+            return shard[key]
         except Exception as error:
             raise FaceLlavaError(f"cannot read tensor {key} from {path}: {str(error).splitlines()[0]}") from None
 

@@ -217,6 +217,8 @@ def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0, cross_attn: str = "
         raise FaceLlavaError(f"unknown weight format {weight_format!r}; expected 'bin' or 'safetensors'")
     if towers not in ("directories", "embedded", "none"):
         raise FaceLlavaError(f"unknown tower placement {towers!r}")
+    if shards < 1:
+        raise FaceLlavaError(f"shards must be at least 1, got {shards}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FaceLlavaError(f"{out} already exists and is not an empty directory")
 
