@@ -1,0 +1,577 @@
+"""The face front end: image and video loading, MediaPipe face detection, the official square face crop, and
+68 iBUG landmarks from MediaPipe's face mesh.
+
+Face-LLaVA was trained on face crops made by the official `tools/crop_face.py`: MediaPipe's short-range
+BlazeFace detector, a square of side (w + h) / 2 anchored at the detection box's top-left corner (margin 0),
+clamped to the image, resized with `cv2.resize` to 256 x 256. `official_crop` reproduces it exactly. The model's
+landmarks are the 68 iBUG-300W points on that crop, in crop pixels / 256; the official repository ships no
+landmark detector, so we run MediaPipe's face mesh on the crop and map its points to the 68 through the data
+table `MESH_TO_IBUG68`. Everything here is torch-free: numpy, OpenCV, Pillow and MediaPipe's legacy solutions,
+whose models ship inside the mediapipe wheel (nothing is downloaded).
+
+Typical use::
+
+    front_end = FaceFrontEnd()
+    face = front_end.process_image(load_image("photo.jpg"))        # FaceCrop: crop, landmarks, box, timings
+    video = read_video("clip.mp4")                                  # the 8 official frames
+    faces = front_end.process_video(video.frames)                   # one FaceCrop per frame
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from facellava.contract import (
+    CLIP_MEAN,
+    FACE_CROP_SIZE,
+    LANDMARK_SCALE,
+    LANDMARK_VALUES,
+    NUM_LANDMARKS,
+    Modality,
+    video_frame_indices,
+)
+from facellava.errors import FaceLlavaError
+
+# FFmpeg's own complaints about a broken video would reach the user's terminal before our one-line error.
+# OpenCV reads this once, when it opens its first video, so it is set on import; a user's own setting wins.
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+
+# An image smaller than this on either side cannot hold a face the detector can find.
+MIN_IMAGE_SIDE = 32
+# Detection runs on a copy no larger than this (BlazeFace looks at 128 or 192 pixels anyway); the crop is cut
+# from the original.
+MAX_DETECT_SIDE = 1920
+# MediaPipe's default threshold is 0.5, but on synthetic noise images both BlazeFace models scored up to 0.63,
+# while the shipped photograph scores 0.92 (short range) and real faces we tried scored 0.76 or more.
+MIN_FACE_SCORE = 0.7
+# The official `expand2square` fill (the CLIP mean as 8-bit RGB), used to square a whole image without a crop.
+SQUARE_FILL = tuple(int(channel * 255) for channel in CLIP_MEAN)
+
+# MediaPipe face mesh (468 points, 478 with the iris refinement) -> the 68 iBUG-300W points.
+# Basis: the widely used Mediapipe_2_Dlib_Landmarks correspondence (Peizhi Yan), including its later brow
+# variant; each entry lists one mesh vertex, or two whose mean is taken. "Right"/"left" are the subject's:
+# the subject's right side is on the image's left, where iBUG starts. Every point was checked against the
+# anatomy of the 68-point layout (the position along its contour in dlib's mean shape) on the mesh of the
+# shipped photograph; the changes from the basis are marked "changed" with the reason.
+MESH_TO_IBUG68: tuple[tuple[int, ...], ...] = (
+    # jaw 0-16: from the subject's right ear level (0) down to the chin (8) and up to the left (16)
+    (127,), (234,), (93,), (132, 58), (58, 172), (136,), (150,), (176,),
+    (152,),  # chin (menton)
+    (400,), (379,), (365,), (397, 288),
+    (361, 288),  # changed from (361,): the mirror of point 3's (132, 58), so that the jaw is symmetric
+    (323,), (454,), (356,),
+    # right eyebrow 17-21, upper contour, outer tail (17) to inner end (21)
+    (156,), (70, 63), (105,), (66,), (107, 55),
+    # left eyebrow 22-26, inner end (22) to outer tail (26); mirrors of 21..17
+    (336, 285), (296,), (334,), (293, 300), (383,),
+    # nose bridge 27-30, from the nasion between the eyes down to the tip, about evenly spaced
+    (168, 6), (197, 195),
+    (5, 4),  # changed from (5,): with the tip moved to 1, the midpoint of 5 and 4 keeps the bridge evenly spaced
+    (1,),  # changed from (4,): iBUG 30 is the nose tip; MediaPipe's mesh annotations name vertex 1 the tip
+    # nostrils 31-35: right alar base (31), subnasale (33), left alar base (35)
+    (75,), (97,), (2,), (326,), (305,),
+    # right eye 36-41: outer corner, two upper-lid points, inner corner, two lower-lid points
+    (33,),
+    (160, 159),  # changed from (160,): 160 sits at 0.2 of the eye width, iBUG 37 at 0.3 (the mean is at 0.29)
+    (158, 157),  # changed from (158,): 158 sits at 0.57, iBUG 38 at 0.68 (the mean is at 0.67)
+    (133,), (153,), (144,),
+    # left eye 42-47: inner corner, two upper-lid points, outer corner, two lower-lid points; mirrors of 39..36
+    (362,), (384, 385), (386, 387), (263,), (373,), (380,),
+    # outer lips 48-59: right corner (48), upper lip to the left corner (54), lower lip back; 51/57 are centred
+    (61,),
+    (40, 39),  # changed from (39,): iBUG 49 lies at 0.36 from the corner to the centre, 39 at 0.44, 40 at 0.25
+    (37,), (0,), (267,),
+    (269, 270),  # changed from (269,): the mirror of 49
+    (291,), (321,), (314,), (17,), (84,), (91,),
+    # inner lips 60-67: right inner corner (60), upper inner lip to the left inner corner (64), lower inner lip
+    (78,), (82,), (13,), (312,), (308,), (317,), (14,), (87,),
+)
+assert len(MESH_TO_IBUG68) == NUM_LANDMARKS
+
+# The iBUG-68 left/right mirror: point i of a face is point IBUG68_MIRROR[i] of the horizontally flipped face.
+IBUG68_MIRROR: tuple[int, ...] = (
+    *range(16, -1, -1),  # jaw
+    *range(26, 16, -1),  # eyebrows
+    27, 28, 29, 30, 35, 34, 33, 32, 31,  # nose
+    45, 44, 43, 42, 47, 46, 39, 38, 37, 36, 41, 40,  # eyes
+    54, 53, 52, 51, 50, 49, 48, 59, 58, 57, 56, 55,  # outer lips
+    64, 63, 62, 61, 60, 67, 66, 65,  # inner lips
+)
+
+
+@dataclass(frozen=True)
+class FaceBox:
+    """One detected face: its box in pixels of the original image (the detector's convention: integer top-left
+    corner and size, which may reach outside the image) and the detector's score."""
+
+    x: int
+    y: int
+    width: int
+    height: int
+    score: float
+
+    @property
+    def area(self) -> int:
+        return self.width * self.height
+
+    @property
+    def center(self) -> tuple[float, float]:
+        return self.x + self.width / 2, self.y + self.height / 2
+
+
+@dataclass
+class FaceCrop:
+    """What the front end makes of one image or video frame.
+
+    `crop`: uint8 RGB [256, 256, 3]. `landmarks`: float32 [68, 2] in crop pixels / 256 (x, y per point, the
+    iBUG-300W order), or None when they were not asked for or the face mesh found no face. `box`: the face
+    the crop was cut around, None for a whole-image crop. `detect_ms` (detection and crop) and `landmarks_ms`
+    (face mesh) are wall-clock milliseconds.
+    """
+
+    crop: np.ndarray
+    landmarks: np.ndarray | None
+    box: FaceBox | None
+    detect_ms: float
+    landmarks_ms: float
+
+
+@dataclass
+class Video:
+    """The frames the official video processor would use: `frames` (8 RGB uint8 arrays) at `frame_indices`
+    among the `num_frames` decoded frames, and the video's `fps` as the container reports it."""
+
+    frames: list[np.ndarray]
+    frame_indices: list[int]
+    num_frames: int
+    fps: float
+
+
+# --- loading ------------------------------------------------------------------------------------------------
+
+
+def check_image(rgb: np.ndarray, name: str = "the image") -> np.ndarray:
+    """Check that `rgb` is an RGB uint8 [H, W, 3] image big enough to hold a face; return it contiguous.
+
+    Raises FaceLlavaError for an image smaller than MIN_IMAGE_SIDE on a side, ValueError for an array that is
+    not [H, W, 3] uint8 (a programming error: `load_image` always returns that).
+    """
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"expected an RGB uint8 [H, W, 3] image, got {rgb.dtype} {list(rgb.shape)}")
+    height, width = rgb.shape[:2]
+    if min(height, width) < MIN_IMAGE_SIDE:
+        raise FaceLlavaError(
+            f"{name} is {width}x{height} pixels, too small to hold a face; "
+            f"give an image at least {MIN_IMAGE_SIDE} pixels on each side"
+        )
+    return np.ascontiguousarray(rgb)
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Read an image file as RGB uint8 [H, W, 3], upright.
+
+    Applies the EXIF orientation; grayscale, palette, CMYK and RGBA (alpha dropped, as `cv2.imread` in the
+    official crop tool does) become RGB; 16-bit images are scaled to 8 bits. Raises FaceLlavaError for a
+    missing path, a file that is not an image, a truncated or corrupt image, and an image too small for a face.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FaceLlavaError(f"image not found: {path}" + (" is a directory" if path.is_dir() else ""))
+    try:
+        with Image.open(path) as image:
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            rgb = _pil_to_rgb(image)
+    except UnidentifiedImageError:
+        message = f"{path} is not an image Pillow can read; give a JPEG, PNG, BMP, TIFF or WebP file"
+        raise FaceLlavaError(message) from None
+    except Image.DecompressionBombError as error:
+        raise FaceLlavaError(f"{path} is too large to decode safely ({error}); downscale it first") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise FaceLlavaError(f"{path} could not be decoded ({error}); the file may be truncated or corrupt") from None
+    return check_image(rgb, str(path))
+
+
+def _pil_to_rgb(image: Image.Image) -> np.ndarray:
+    """A PIL image of any mode as RGB uint8; 16-bit and 32-bit grey levels are scaled, not clipped."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        grey = np.asarray(image, dtype=np.float64)
+        if image.mode == "F" and grey.max(initial=0.0) <= 1.0:
+            grey = grey * 255.0  # a float image in [0, 1]
+        elif image.mode != "F" and (image.mode != "I" or grey.max(initial=0.0) > 255):
+            grey = grey / 257.0  # 16-bit levels: 65535 -> 255
+        grey = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if image.mode != "RGB":
+        # palette images with transparency go through RGBA so that Pillow resolves the palette correctly
+        image = image.convert("RGBA").convert("RGB") if image.mode in ("P", "PA") else image.convert("RGB")
+    return np.asarray(image, dtype=np.uint8)
+
+
+def read_video(path: str | Path) -> Video:
+    """Decode a video with OpenCV and keep the 8 frames the official processor uses.
+
+    The frames are `np.linspace(0, n - 1, 8, dtype=int)` of the n decoded frames
+    (`contract.video_frame_indices`), so a video shorter than 8 frames repeats frames, as the official processor
+    does. Frames are decoded in order (exact frame counts, no seeking), keeping only the chosen ones. Raises
+    FaceLlavaError for a missing path, a file OpenCV cannot decode, and a video without frames.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FaceLlavaError(f"video not found: {path}" + (" is a directory" if path.is_dir() else ""))
+    # the container's frame count is usually exact; when it is not, a second pass uses the decoded count
+    reported, fps = _video_properties(path)
+    wanted = video_frame_indices(reported) if reported > 0 else []
+    frames, decoded = _decode_frames(path, wanted)
+    if decoded == 0:
+        raise FaceLlavaError(f"no frames could be decoded from {path}; the video may be corrupt")
+    if decoded != reported:
+        wanted = video_frame_indices(decoded)
+        frames, _ = _decode_frames(path, wanted)
+    return Video(frames=[frames[index] for index in wanted], frame_indices=wanted, num_frames=decoded, fps=fps)
+
+
+def _open_video(path: Path) -> cv2.VideoCapture:
+    capture = cv2.VideoCapture(str(path))
+    if not capture.isOpened():
+        capture.release()
+        raise FaceLlavaError(f"{path} is not a video OpenCV can decode; give an MP4, AVI, MOV, MKV or WebM file")
+    return capture
+
+
+def _video_properties(path: Path) -> tuple[int, float]:
+    capture = _open_video(path)
+    try:
+        return int(capture.get(cv2.CAP_PROP_FRAME_COUNT)), float(capture.get(cv2.CAP_PROP_FPS))
+    finally:
+        capture.release()
+
+
+def _decode_frames(path: Path, wanted: Sequence[int]) -> tuple[dict[int, np.ndarray], int]:
+    """Decode every frame in order, converting only the wanted ones to RGB; returns them and the frame count."""
+    wanted_set = set(wanted)
+    frames: dict[int, np.ndarray] = {}
+    capture = _open_video(path)
+    try:
+        index = 0
+        while capture.grab():
+            if index in wanted_set:
+                ok, bgr = capture.retrieve()
+                if not ok:
+                    break
+                frames[index] = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            index += 1
+    finally:
+        capture.release()
+    return frames, index
+
+
+def load_landmarks(path: str | Path, modality: Modality = "image", num_video_frames: int | None = None) -> np.ndarray:
+    """Read precomputed landmarks in the official data format and scale them like the official processors.
+
+    The `.npy` file holds crop pixels (0..256) of the 68 iBUG points, x before y. Image: shape (68, 2) or
+    (136,) (interleaved x0, y0, x1, y1, ...); returns float32 [68, 2]. (The official processor takes any
+    136 values; a (2, 68) array would be silently misread there, so it is refused here.) Video: shape
+    (num_video_frames, 68, 2) as the official processor requires, or (num_video_frames, 136), one row per
+    decoded frame (the count must equal the video's, as the official processor asserts); the rows at the
+    official frame indices are kept; returns float32 [8, 68, 2]. Values
+    are divided by 256 (contract.LANDMARK_SCALE). Raises FaceLlavaError for a missing or unreadable file, a
+    wrong shape, a frame count that does not match, non-finite values, and values that look already divided.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FaceLlavaError(f"landmarks file not found: {path}")
+    try:
+        points = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:
+        raise FaceLlavaError(f"{path} is not a readable .npy array ({error}); save landmarks with numpy.save") from None
+    if not isinstance(points, np.ndarray) or not np.issubdtype(points.dtype, np.number):
+        raise FaceLlavaError(f"{path} does not hold a numeric array; save a (68, 2) array with numpy.save")
+    shape = tuple(points.shape)
+    if modality == "image":
+        if shape not in ((NUM_LANDMARKS, 2), (LANDMARK_VALUES,)):
+            raise FaceLlavaError(
+                f"{path} has shape {shape}; image landmarks must be (68, 2) or (136,): the 68 iBUG points, x then y"
+            )
+        points = points.reshape(NUM_LANDMARKS, 2)
+    elif modality == "video":
+        if len(shape) < 2 or shape[1:] not in ((NUM_LANDMARKS, 2), (LANDMARK_VALUES,)):
+            raise FaceLlavaError(
+                f"{path} has shape {shape}; video landmarks must be (frames, 68, 2) or (frames, 136), "
+                "one row per decoded frame"
+            )
+        if num_video_frames is None:
+            raise ValueError("video landmarks need the video's decoded frame count")
+        if shape[0] != num_video_frames:
+            raise FaceLlavaError(
+                f"{path} has landmarks for {shape[0]} frames but the video decodes to {num_video_frames}; "
+                "give one row per decoded frame"
+            )
+        points = points.reshape(shape[0], NUM_LANDMARKS, 2)[video_frame_indices(num_video_frames)]
+    else:
+        raise ValueError(f"unknown modality {modality!r}; expected 'image' or 'video'")
+    points = points.astype(np.float64)
+    if not np.isfinite(points).all():
+        raise FaceLlavaError(f"{path} holds NaN or infinite values; every landmark needs a position")
+    if np.abs(points).max() <= 2.0:
+        raise FaceLlavaError(
+            f"{path} holds values within [-2, 2], which look already divided by 256; "
+            "the official format stores pixels of the 256x256 face crop"
+        )
+    return (points / LANDMARK_SCALE).astype(np.float32)
+
+
+# --- the crop -----------------------------------------------------------------------------------------------
+
+
+def official_crop(rgb: np.ndarray, box: FaceBox) -> np.ndarray:
+    """The official `tools/crop_face.py` crop of one face, as uint8 RGB [256, 256, 3].
+
+    A square of side (width + height) / 2 from the box's top-left corner, margin 0. Where the square leaves the
+    image it is clamped to the image, exactly as the official tool does (which also stops one pixel short of
+    the right and bottom edges), and the clamped rectangle is resized to 256 x 256: a face at the border gives
+    a slightly stretched crop, the kind the model was trained on. The resize is `cv2.resize`'s default
+    bilinear, as in the official tool. Raises FaceLlavaError when nothing of the square lies in the image.
+    """
+    height, width = rgb.shape[:2]
+    side = (box.width + box.height) / 2
+    left, top = int(max(0, box.x)), int(max(0, box.y))
+    right, bottom = int(min(box.x + side, width - 1)), int(min(box.y + side, height - 1))
+    if right <= left or bottom <= top:
+        raise FaceLlavaError(f"the face box {box} lies outside the {width}x{height} image")
+    return cv2.resize(rgb[top:bottom, left:right], (FACE_CROP_SIZE, FACE_CROP_SIZE))
+
+
+def whole_image_crop(rgb: np.ndarray) -> np.ndarray:
+    """The whole image as a 256 x 256 crop: padded to a square with the official `expand2square` fill (the
+    training-time treatment of non-square images), then resized (area averaging when shrinking, which does not
+    alias; bilinear when enlarging)."""
+    height, width = rgb.shape[:2]
+    side = max(height, width)
+    top, left = (side - height) // 2, (side - width) // 2
+    square = cv2.copyMakeBorder(
+        rgb, top, side - height - top, left, side - width - left, cv2.BORDER_CONSTANT, value=SQUARE_FILL
+    )
+    interpolation = cv2.INTER_AREA if side > FACE_CROP_SIZE else cv2.INTER_LINEAR
+    return cv2.resize(square, (FACE_CROP_SIZE, FACE_CROP_SIZE), interpolation=interpolation)
+
+
+def mesh_to_ibug68(mesh_points: np.ndarray) -> np.ndarray:
+    """Map face-mesh points [468 or 478, 2] to the 68 iBUG points [68, 2] through `MESH_TO_IBUG68`."""
+    return np.stack([mesh_points[list(vertices)].mean(axis=0) for vertices in MESH_TO_IBUG68])
+
+
+# --- the front end ------------------------------------------------------------------------------------------
+
+
+class FaceFrontEnd:
+    """MediaPipe face detection, the official crop, and face-mesh landmarks, for images and video frames.
+
+    Detection uses BlazeFace short range, the official crop tool's model (its boxes define the crop); when
+    that finds no face (faces small in the frame, several people), the full-range model is tried. The face
+    mesh (with the iris/lips/eyes refinement when `refine_landmarks`) runs on the 256 crop. Holds MediaPipe
+    graphs: reuse one instance, and `close()` it (or use it as a context manager) when done.
+    """
+
+    def __init__(
+        self,
+        min_face_score: float = MIN_FACE_SCORE,
+        refine_landmarks: bool = True,
+        max_detect_side: int = MAX_DETECT_SIDE,
+    ) -> None:
+        import mediapipe as mp  # imported here so that loading images and videos does not pay for it
+
+        detection = mp.solutions.face_detection
+        self.max_detect_side = max_detect_side
+        # the short-range graph does not apply min_detection_confidence (set to 0.7, it still returned a 0.52
+        # detection), so scores are filtered here. model_selection 0 is the short-range model: the same network
+        # as the official tools/detector.tflite (229,746 bytes there; the wheel's copy lacks 32 bytes of metadata)
+        self.min_face_score = min_face_score
+        self._detectors = [detection.FaceDetection(model_selection=model) for model in (0, 1)]
+        self._mesh = mp.solutions.face_mesh.FaceMesh(
+            static_image_mode=True, max_num_faces=1, refine_landmarks=refine_landmarks, min_detection_confidence=0.5
+        )
+
+    def close(self) -> None:
+        """Release the MediaPipe graphs."""
+        for graph in (*self._detectors, self._mesh):
+            graph.close()
+
+    def __enter__(self) -> FaceFrontEnd:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def detect(self, rgb: np.ndarray) -> list[FaceBox]:
+        """All faces in an RGB uint8 image, ordered left to right by their box centre.
+
+        Images larger than `max_detect_side` are detected on a copy shrunk by an integer factor (area
+        averaging). Boxes are in the original image's pixels either way: the detector's relative box times the
+        image size, truncated to integers as MediaPipe's task API does for the official tool.
+        """
+        rgb = check_image(rgb)
+        height, width = rgb.shape[:2]
+        factor = math.ceil(max(height, width) / self.max_detect_side)
+        if factor > 1:
+            # an integer factor takes OpenCV's fast area-averaging path (a fractional one is 4x slower); the
+            # fewer than `factor` rows and columns past the last whole block are left out of detection
+            height, width = height // factor * factor, width // factor * factor
+            small = cv2.resize(rgb[:height, :width], (width // factor, height // factor), interpolation=cv2.INTER_AREA)
+        else:
+            small = rgb
+        for detector in self._detectors:
+            detections = [
+                detection for detection in detector.process(small).detections or []
+                if detection.score[0] >= self.min_face_score
+            ]
+            if detections:
+                break
+        boxes = []
+        for detection in detections:
+            relative = detection.location_data.relative_bounding_box
+            boxes.append(
+                FaceBox(
+                    x=int(relative.xmin * width),
+                    y=int(relative.ymin * height),
+                    width=int(relative.width * width),
+                    height=int(relative.height * height),
+                    score=float(detection.score[0]),
+                )
+            )
+        return sorted(boxes, key=lambda box: box.center[0])
+
+    def landmarks(self, crop: np.ndarray) -> np.ndarray | None:
+        """The 68 iBUG landmarks of the face in a 256 crop, float32 [68, 2] in crop pixels / 256, or None when
+        the face mesh finds no face (it is retried once on the crop inside a black border, which helps when the
+        face fills the crop edge to edge)."""
+        for border in (0, FACE_CROP_SIZE // 4):
+            image = crop if border == 0 else cv2.copyMakeBorder(crop, *[border] * 4, cv2.BORDER_CONSTANT, value=0)
+            result = self._mesh.process(image)
+            if result.multi_face_landmarks:
+                mesh = result.multi_face_landmarks[0].landmark
+                # the mesh's coordinates are relative to the image it saw; bring them back to the crop's
+                side = image.shape[0]
+                points = np.array([(point.x, point.y) for point in mesh], dtype=np.float64) * side - border
+                return (mesh_to_ibug68(points) / LANDMARK_SCALE).astype(np.float32)
+        return None
+
+    def process_image(
+        self,
+        rgb: np.ndarray,
+        face_index: int | None = None,
+        no_face_crop: bool = False,
+        landmarks: bool = True,
+        name: str = "the image",
+    ) -> FaceCrop:
+        """Crop one face from an RGB uint8 image and find its landmarks.
+
+        `face_index` picks a face among those found, counted from 0 left to right; by default the largest
+        face. `no_face_crop` skips detection and uses the whole image (`whole_image_crop`); its landmarks then
+        come from the face mesh on that image, or are None if the mesh finds no face. `landmarks=False` skips
+        the face mesh (for precomputed landmarks or the no-landmarks path). `name` names the input in errors.
+        Raises FaceLlavaError when no face is found, or `face_index` is out of range.
+        """
+        rgb = check_image(rgb, name)
+        start = time.perf_counter()
+        if no_face_crop:
+            box, crop = None, whole_image_crop(rgb)
+        else:
+            box = _pick_face(self.detect(rgb), face_index, name)
+            crop = official_crop(rgb, box)
+        detect_ms = (time.perf_counter() - start) * 1000
+        points, landmarks_ms = self._timed_landmarks(crop) if landmarks else (None, 0.0)
+        return FaceCrop(crop=crop, landmarks=points, box=box, detect_ms=detect_ms, landmarks_ms=landmarks_ms)
+
+    def process_video(
+        self,
+        frames: Sequence[np.ndarray],
+        face_index: int | None = None,
+        no_face_crop: bool = False,
+        landmarks: bool = True,
+        name: str = "the video",
+    ) -> list[FaceCrop]:
+        """Crop the face and find its landmarks in every frame (the 8 frames of `read_video`).
+
+        The face is chosen in the first frame where one is found (`face_index`, or the largest) and followed
+        through the others (the detection nearest to the previous frame's); a frame without a detection uses
+        the box of the nearest frame that has one. Frames where the face mesh finds no face take the landmarks
+        of the nearest frame where it does; if it finds none in any frame, every frame's landmarks are None.
+        Raises FaceLlavaError when no frame has a face (suggesting `--no-face-crop`).
+        """
+        frames = [check_image(frame, f"frame {i} of {name}") for i, frame in enumerate(frames)]
+        if no_face_crop:
+            return [self.process_image(frame, no_face_crop=True, landmarks=landmarks) for frame in frames]
+
+        detect_ms, found = [], []
+        for frame in frames:
+            start = time.perf_counter()
+            found.append(self.detect(frame))
+            detect_ms.append((time.perf_counter() - start) * 1000)
+        boxes = _follow_face(found, face_index, name)
+
+        results = []
+        for frame, box, ms in zip(frames, boxes, detect_ms, strict=True):
+            start = time.perf_counter()
+            crop = official_crop(frame, box)
+            ms += (time.perf_counter() - start) * 1000
+            points, landmarks_ms = self._timed_landmarks(crop) if landmarks else (None, 0.0)
+            results.append(FaceCrop(crop=crop, landmarks=points, box=box, detect_ms=ms, landmarks_ms=landmarks_ms))
+        if landmarks:
+            _fill_from_nearest(results)
+        return results
+
+    def _timed_landmarks(self, crop: np.ndarray) -> tuple[np.ndarray | None, float]:
+        start = time.perf_counter()
+        points = self.landmarks(crop)
+        return points, (time.perf_counter() - start) * 1000
+
+
+def _pick_face(faces: list[FaceBox], face_index: int | None, name: str) -> FaceBox:
+    if not faces:
+        raise FaceLlavaError(f"no face found in {name}; use --no-face-crop to use the whole image")
+    if face_index is None:
+        return max(faces, key=lambda box: box.area)
+    if not 0 <= face_index < len(faces):
+        raise FaceLlavaError(
+            f"face index {face_index} is out of range: {len(faces)} face(s) found in {name}, "
+            f"numbered 0 to {len(faces) - 1} from left to right"
+        )
+    return faces[face_index]
+
+
+def _follow_face(found: list[list[FaceBox]], face_index: int | None, name: str) -> list[FaceBox]:
+    """One box per frame: the chosen face in the first frame that has faces, then the nearest one onward."""
+    first = next((i for i, faces in enumerate(found) if faces), None)
+    if first is None:
+        raise FaceLlavaError(f"no face found in any frame of {name}; use --no-face-crop to use the whole frames")
+    chosen: list[FaceBox | None] = [None] * len(found)
+    chosen[first] = previous = _pick_face(found[first], face_index, name)
+    for i in range(first + 1, len(found)):
+        if found[i]:
+            px, py = previous.center
+            previous = min(found[i], key=lambda box: (box.center[0] - px) ** 2 + (box.center[1] - py) ** 2)
+            chosen[i] = previous
+    return [chosen[_nearest_present(chosen, i)] for i in range(len(found))]
+
+
+def _fill_from_nearest(results: list[FaceCrop]) -> None:
+    present = [result.landmarks for result in results]
+    if any(points is not None for points in present) and any(points is None for points in present):
+        for i, result in enumerate(results):
+            if result.landmarks is None:
+                result.landmarks = present[_nearest_present(present, i)].copy()
+
+
+def _nearest_present(items: Sequence[object | None], i: int) -> int:
+    """The index of the item nearest to i that is not None (earlier on a tie)."""
+    return min((j for j, item in enumerate(items) if item is not None), key=lambda j: (abs(j - i), j))
