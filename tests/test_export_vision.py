@@ -327,7 +327,7 @@ def _tensorrt_missing() -> str | None:
     except ImportError as error:
         return f"TensorRT or cuda-python is not installed ({error.name})"
     except FaceLlavaError as error:
-        return f"TensorRT needs an NVIDIA GPU: {error}"
+        return f"TensorRT cannot run here: {error}"
     return None
 
 
