@@ -432,6 +432,9 @@ def _publish(writer: BundleWriter, staging: Path, entries: dict[str, dict[str, A
                if entry.get("kind") == "engine" and entry.get("source_onnx_sha256") not in new_hashes}
     doomed |= {name for name, entry in files.items() if entry.get("part_of") in doomed}
     doomed |= {p.name for p in writer.path.iterdir() if VISION_FILE.match(p.name)}  # ones no manifest names
+    for leftover in writer.path.glob(".vision-*"):  # staging of an export that was killed outright
+        if leftover != staging:
+            shutil.rmtree(leftover, ignore_errors=True)
     writer.forget(sorted(doomed))
     for name in doomed:  # engine directories left empty
         for parent in (writer.path / name).parents:

@@ -20,7 +20,7 @@ from facellava.cli import main
 from facellava.errors import FaceLlavaError
 from facellava.export import parity, vision
 from facellava.export.bundle import BundleWriter
-from facellava.export.vision import MODALITIES, PRECISIONS, export_vision, vision_file_name
+from facellava.export.vision import MODALITIES, PRECISIONS, export_vision, vision_file_name, vision_only_model
 
 VARIANTS = [(m, lm, p) for m in MODALITIES for lm in (True, False) for p in PRECISIONS]
 TINY_USED_LAYERS = 2  # the tiny towers have 3 layers; mm_vision_select_layer -2 uses 2
@@ -109,6 +109,32 @@ def test_fp16_graph_keeps_layernorm_and_softmax_in_fp32(vision_bundle):
     matmuls = [n for n in model.graph.node if n.op_type == "MatMul"]
     assert all(types[n.output[0]] == onnx.TensorProto.FLOAT16 for n in matmuls)
     assert [types[v.name] for v in [*model.graph.input, *model.graph.output]] == [onnx.TensorProto.FLOAT] * 3
+
+
+def test_masked_frgca_exports_with_parity(tmp_path):
+    """The paper figure's FRGCA variant (proximity bias between region centroids and patch centres)."""
+    from facellava.model.tiny import make_tiny_checkpoint
+
+    checkpoint = make_tiny_checkpoint(tmp_path / "masked", seed=2, cross_attn="masked")
+    result = export_vision(checkpoint, tmp_path / "bundle", modalities="video", precisions="fp32", landmarks=True,
+                           seed=5, progress=False)
+    record = result.parity["vision_video.onnx"]
+    assert record["passed"] and record["rel_err"] <= 1e-4
+
+
+def test_vision_only_model_allocates_no_llm():
+    from facellava.model.loading import read_config_dict
+    from facellava.model.modeling import TowerConfig
+    from facellava.model.tiny import TINY_TOWER, tiny_config
+
+    config = read_config_dict(tiny_config(512, "simple", "directories"))
+    tower = TowerConfig(**TINY_TOWER, num_used_layers=2)
+    model = vision_only_model(config, tower, None, seed=0)
+    assert all(p.is_meta for p in model.llm.parameters())
+    assert not any(p.is_meta for p in model.image_tower.parameters()) and model.video_tower is None
+    feed = parity.random_inputs("image", True, 2, np.random.default_rng(0))
+    tokens = _reference(model, "image", feed)
+    assert tokens.shape == (2, 256, 256) and np.isfinite(tokens).all() and tokens.std() > 0.1
 
 
 # --- the files and the manifest -----------------------------------------------------------------------------
@@ -212,15 +238,17 @@ def test_parity_miss_fails_and_leaves_the_bundle_as_it_was(external_bundle, tiny
     shutil.copytree(external_bundle, bundle)
     before = {p.name: p.read_bytes() for p in bundle.iterdir()}
     monkeypatch.setitem(parity.THRESHOLDS, "fp32", {"rel_err": 0.0})  # no export can reach exactly zero
-    with pytest.raises(FaceLlavaError, match=r"vision_image\.onnx misses .*rel_err <= 0.*--allow-drift"):
-        export_vision(tiny_checkpoint, bundle, modalities="image", precisions="fp32", landmarks=True,
+    with pytest.raises(FaceLlavaError, match=r"vision_image_nolm\.onnx misses .*rel_err <= 0.*--allow-drift"):
+        export_vision(tiny_checkpoint, bundle, modalities="image", precisions="fp32", landmarks=False,
                       progress=False)
     assert {p.name: p.read_bytes() for p in bundle.iterdir()} == before
 
-    export_vision(tiny_checkpoint, bundle, modalities="image", precisions="fp32", landmarks=True,
+    export_vision(tiny_checkpoint, bundle, modalities="image", precisions="fp32", landmarks=False,
                   allow_drift=True, progress=False)
     manifest = json.loads((bundle / contract.MANIFEST_NAME).read_text())
-    record = manifest["parity"]["vision_image.onnx"]
+    assert set(manifest["files"]) == {"vision_image_nolm.onnx"}  # weights inline now: the old .data is gone
+    assert not (bundle / "vision_image_nolm.onnx.data").exists()
+    record = manifest["parity"]["vision_image_nolm.onnx"]
     assert record["passed"] is False and 0 < record["rel_err"] < 1e-4
 
 
