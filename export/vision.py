@@ -438,9 +438,10 @@ def _publish(writer: BundleWriter, staging: Path, entries: dict[str, dict[str, A
     writer.forget(sorted(doomed))
     for name in doomed:  # engine directories left empty
         for parent in (writer.path / name).parents:
-            if parent == writer.path or any(parent.iterdir()):
+            if parent == writer.path or (parent.is_dir() and any(parent.iterdir())):
                 break
-            parent.rmdir()
+            if parent.is_dir():
+                parent.rmdir()
     for name, entry in entries.items():
         for data_name in entry["external_data"]:
             os.replace(staging / data_name, writer.path / data_name)

@@ -217,6 +217,8 @@ def test_reexport_replaces_vision_files_and_stale_engines(external_bundle, tiny_
     (bundle / engine).parent.mkdir(parents=True)
     (bundle / engine).write_bytes(b"engine")
     writer.record(engine, "engine", source="vision_image_nolm.onnx", source_onnx_sha256=old_hash)
+    (bundle / f"{engine}.json").write_text("{}")
+    writer.record(f"{engine}.json", "data", part_of=engine)
     (bundle / "model.gguf").write_bytes(b"gguf")
     writer.record("model.gguf", "llm")
     writer.commit()
