@@ -19,6 +19,10 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": ("facellava.demo", "demo", "run the main job on a built-in tiny model (no downloads)"),
     "make-tiny": ("facellava.model.cli", "make_tiny", "write a tiny random checkpoint in the official layout"),
     "inspect": ("facellava.model.cli", "inspect", "load a checkpoint, check it, and print what it holds"),
+    "export vision": ("facellava.export.cli_vision", "export_vision",
+                      "export the vision graphs to ONNX (FP32, FP16) into a bundle, each checked against PyTorch"),
+    "build-engine": ("facellava.export.cli_vision", "build_engine",
+                     "build TensorRT engines from a bundle's vision graphs on this GPU, checked against ORT"),
 }
 
 

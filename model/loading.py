@@ -329,15 +329,17 @@ def _name_keys(keys: list[str], limit: int = 6) -> str:
 
 def load_face_llava(checkpoint_dir: str | Path, image_tower: str | Path | None = None,
                     video_tower: str | Path | None = None, dtype: torch.dtype = torch.float32,
-                    branch_scale: float | None = None) -> FaceLlava:
+                    branch_scale: float | None = None, llm: bool = True) -> FaceLlava:
     """Build a FaceLlava from a checkpoint in the official layout.
 
     Takes the checkpoint directory, optional LanguageBind tower directories (otherwise `mm_image_tower` /
     `mm_video_tower` when they name a local directory, otherwise tower weights inside the checkpoint, otherwise
     no tower), the dtype, and an optional FRGCA branch scale (default: the config's, else 0.1). Loading is
     strict: a missing, unexpected or wrongly shaped tensor is a FaceLlavaError that names it. Tensors are read
-    lazily, shard by shard, straight into the model. Returns the model in eval mode, with `tokenizer` set when
-    the checkpoint has a `tokenizer.model`.
+    lazily, shard by shard, straight into the model. With llm=False the LLaMA tensors are neither read nor
+    allocated (the decoder stays on the meta device): enough for `encode_image` / `encode_video` and the vision
+    export, at a fraction of the memory. Returns the model in eval mode, with `tokenizer` set when the checkpoint
+    has a `tokenizer.model`.
     """
     directory = _checkpoint_dir(checkpoint_dir)
     config = read_config(directory)
@@ -349,7 +351,8 @@ def load_face_llava(checkpoint_dir: str | Path, image_tower: str | Path | None =
 
     with torch.device("meta"):
         model = FaceLlava(config, *(t[0] if t else None for t in (towers["image"], towers["video"])))
-    expected = {name: tensor.shape for name, tensor in model.state_dict().items()}
+    expected = {name: tensor.shape for name, tensor in model.state_dict().items()
+                if llm or not name.startswith("llm.")}
 
     sources: dict[str, tuple[CheckpointWeights, str]] = {}
     unexpected: list[str] = []
@@ -357,6 +360,8 @@ def load_face_llava(checkpoint_dir: str | Path, image_tower: str | Path | None =
         if IGNORED_KEYS.match(key) or any(key.startswith(p) for p in TOWER_PREFIXES.values()):
             continue
         name = module_key(key)
+        if not llm and is_llm_key(key):
+            continue
         if name is None or name not in expected:
             unexpected.append(key)
         else:
@@ -385,8 +390,13 @@ def load_face_llava(checkpoint_dir: str | Path, image_tower: str | Path | None =
             raise FaceLlavaError(f"tensor {key} has shape {tuple(tensor.shape)}, expected {tuple(expected[name])} "
                                  "from config.json")
         state[name] = tensor.to(dtype)
-    model.load_state_dict(state, strict=True, assign=True)
-    _rebuild_rotary_embedding(model)
+    model.load_state_dict(state, strict=llm, assign=True)
+    if llm:
+        _rebuild_rotary_embedding(model)
+    else:
+        left = [name for name, t in model.state_dict().items() if t.is_meta and not name.startswith("llm.")]
+        if left:
+            raise RuntimeError(f"vision tensors left on the meta device after loading: {left}")
     model.eval()
     tokenizer_path = directory / TOKENIZER_NAME
     if tokenizer_path.is_file():

@@ -1,0 +1,189 @@
+"""A bundle's vision ONNX graphs -> TensorRT engines, built on the device that will run them.
+
+Engines are built strongly typed (the precision is the ONNX graph's: FP16 casts are in the FP16 file), so the
+same code builds with TensorRT 10 (JetPack 6 ships 10.3) and TensorRT 11 (which removed the FP16/INT8 builder
+flags); one optimization profile covers batch 1 to `max_batch`; a timing cache beside the engines makes rebuilds
+quick. Each engine lands in `engines/<gpu>-trt<version>/<graph>.engine` with `<graph>.engine.json` beside it
+(TensorRT version, GPU, compute capability, source ONNX and its hash), is checked against ONNX Runtime on the FP32
+graph, and is recorded in the manifest. Torch-free: it runs where only the runtime is installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from facellava import contract
+from facellava.errors import FaceLlavaError
+from facellava.export import parity
+from facellava.export.bundle import BundleWriter
+from facellava.runtime.tensorrt_runner import GpuInfo, TensorRTRunner, gpu_info, import_tensorrt
+
+ENGINES_DIR = "engines"
+TIMING_CACHE_NAME = "timing.cache"
+
+
+def engine_dir(gpu: GpuInfo, trt_version: str) -> str:
+    """`engines/<gpu>-trt<version>`: engines only load on the GPU model and TensorRT version that built them."""
+    return f"{ENGINES_DIR}/{gpu.slug}-trt{trt_version}"
+
+
+def engine_name(onnx_name: str) -> str:
+    """`vision_image.fp16.onnx` -> `vision_image.fp16.engine`."""
+    return onnx_name.removesuffix(".onnx") + ".engine"
+
+
+def _network_flags(trt: Any) -> int:
+    # TensorRT 10 needs STRONGLY_TYPED asked for; 11 is always strongly typed and deprecates the flag
+    strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    if strongly_typed is None or int(trt.__version__.split(".")[0]) >= 11:
+        return 0
+    return 1 << int(strongly_typed)
+
+
+def build_engine(onnx_path: Path, engine_path: Path, *, max_batch: int, opt_batch: int = 1,
+                 workspace_bytes: int = 2 << 30, timing_cache: Path | None = None) -> dict[str, Any]:
+    """Build one strongly typed engine from an ONNX file (external data is read from beside it).
+
+    The optimization profile spans batch 1 to `max_batch`, tuned for `opt_batch`; `timing_cache` is read if it
+    exists and rewritten with what this build measured. Returns the build details. Raises FaceLlavaError when
+    TensorRT cannot parse or build the graph.
+    """
+    trt = import_tensorrt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(_network_flags(trt))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise FaceLlavaError(f"TensorRT {trt.__version__} cannot parse {onnx_path.name}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    if hasattr(trt.BuilderFlag, "TF32"):  # the graph says float32; TF32 would drop 13 mantissa bits
+        config.clear_flag(trt.BuilderFlag.TF32)
+    profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        rest = tuple(tensor.shape)[1:]
+        profile.set_shape(tensor.name, (1, *rest), (opt_batch, *rest), (max_batch, *rest))
+    config.add_optimization_profile(profile)
+    cache_bytes = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
+    cache = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(cache, False)
+    start = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    seconds = time.perf_counter() - start
+    if serialized is None:
+        raise FaceLlavaError(f"TensorRT {trt.__version__} failed to build {onnx_path.name} (see its log above); "
+                             "a larger --workspace-gb may help")
+    engine_path.write_bytes(memoryview(serialized))
+    if timing_cache is not None:
+        timing_cache.write_bytes(memoryview(config.get_timing_cache().serialize()))
+    return {"tensorrt": trt.__version__, "max_batch": max_batch, "opt_batch": opt_batch,
+            "workspace_bytes": workspace_bytes, "build_seconds": round(seconds, 3)}
+
+
+def _verified(writer: BundleWriter, name: str) -> Path:
+    """The path of a bundle file whose sha256 (and its external data's) matches the manifest."""
+    files = writer.manifest["files"]
+    for part in [name, *files[name].get("external_data", [])]:
+        path = writer.path / part
+        if not path.is_file() or part not in files or contract.file_sha256(path) != files[part]["sha256"]:
+            raise FaceLlavaError(f"{path} is missing or does not match the manifest's sha256; export the vision "
+                                 "graphs again")
+    return writer.path / name
+
+
+def build_engines(bundle: str | Path, *, modalities: str | Sequence[str] = parity.MODALITIES,
+                  precisions: str | Sequence[str] = parity.PRECISIONS, max_batch: int = 4, opt_batch: int = 1,
+                  workspace_gb: float = 2.0, allow_drift: bool = False, seed: int | None = None,
+                  progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Build engines for the bundle's vision graphs of the given modalities and precisions, on GPU 0.
+
+    Each engine is run on random inputs (batch up to 2) and the face photograph and compared with ONNX Runtime on
+    the FP32 graph of its variant (the graph itself when the bundle has no FP32 one), against the thresholds of
+    its precision; a miss fails the build unless `allow_drift`. Engines of an earlier build for the same GPU and
+    TensorRT version are replaced. Returns the manifest entries of the new engines. Raises FaceLlavaError for a
+    bundle without vision graphs or whose files do not match their hashes, bad arguments, no TensorRT or GPU.
+    """
+    modalities = parity.parse_choices(modalities, parity.MODALITIES, "modality")
+    precisions = parity.parse_choices(precisions, parity.PRECISIONS, "precision")
+    if not 1 <= opt_batch <= max_batch:
+        raise FaceLlavaError(f"need 1 <= opt batch <= max batch, got {opt_batch} and {max_batch}")
+    if Path(bundle).exists() and not Path(bundle).is_dir():
+        raise FaceLlavaError(f"bundle path {bundle} is a file; give a bundle directory")
+    if not (Path(bundle) / contract.MANIFEST_NAME).is_file():
+        raise FaceLlavaError(f"{bundle} is not a bundle (no {contract.MANIFEST_NAME}); run `facellava export "
+                             "vision` first")
+    writer = BundleWriter(bundle)
+    files = writer.manifest["files"]
+    graphs = [name for name, entry in files.items() if entry.get("kind") == "vision"
+              and entry["modality"] in modalities and entry["precision"] in precisions]
+    if not graphs:
+        raise FaceLlavaError(f"{bundle} has no vision graphs for {','.join(modalities)} at "
+                             f"{','.join(precisions)}; run `facellava export vision` first")
+    trt = import_tensorrt()
+    gpu = gpu_info(0)
+    folder = engine_dir(gpu, trt.__version__)
+    seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
+    (writer.path / folder).mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".engines-", dir=writer.path / folder))
+    cache_path = writer.path / folder / TIMING_CACHE_NAME
+    staged_cache = staging / TIMING_CACHE_NAME
+    if cache_path.is_file():
+        shutil.copyfile(cache_path, staged_cache)
+    entries: dict[str, dict[str, Any]] = {}
+    records: dict[str, dict[str, Any]] = {}
+    try:
+        for name in tqdm(graphs, desc="build engines", unit="engine", disable=not progress):
+            source = files[name]
+            onnx_path = _verified(writer, name)
+            engine_file = engine_name(name)
+            details = build_engine(onnx_path, staging / engine_file, max_batch=max_batch, opt_batch=opt_batch,
+                                   workspace_bytes=int(workspace_gb * (1 << 30)), timing_cache=staged_cache)
+            reference_name = next((n for n, e in files.items() if e.get("kind") == "vision"
+                                   and e["precision"] == "fp32" and e["modality"] == source["modality"]
+                                   and e["landmarks"] == source["landmarks"]), name)
+            inputs = parity.parity_inputs(source["modality"], source["landmarks"], seed,
+                                          random_batch=min(parity.RANDOM_BATCH, max_batch))
+            references = parity.run_onnx(_verified(writer, reference_name), inputs)
+            with TensorRTRunner(staging / engine_file) as runner:
+                outputs = {key: runner.run(feed)["visual_tokens"] for key, feed in inputs.items()}
+            per_input = {key: parity.compare(outputs[key], references[key]) for key in inputs}
+            rel = f"{folder}/{engine_file}"
+            records[rel] = {"reference": f"onnxruntime CPUExecutionProvider on {reference_name}", "seed": seed,
+                            **parity.judge(per_input, source["precision"])}
+            entries[rel] = {
+                "kind": "engine", "modality": source["modality"], "precision": source["precision"],
+                "landmarks": source["landmarks"], "inputs": source["inputs"], "outputs": source["outputs"],
+                "source": name, "source_onnx_sha256": source["sha256"], "gpu": gpu.name,
+                "compute_capability": gpu.compute_capability, **details}
+            (staging / f"{engine_file}.json").write_text(json.dumps(
+                {k: v for k, v in entries[rel].items() if k != "kind"}, indent=2) + "\n")
+        misses = [parity.describe_miss(n, r) for n, r in records.items() if not r["passed"]]
+        if misses and not allow_drift:
+            raise FaceLlavaError(misses[0] + (f" (and {len(misses) - 1} more)" if len(misses) > 1 else ""))
+        for rel, entry in entries.items():
+            writer.forget([rel, f"{rel}.json"])
+            for part in (rel, f"{rel}.json"):
+                os.replace(staging / Path(part).name, writer.path / part)
+            writer.record(rel, **entry)
+            writer.record(f"{rel}.json", "data", part_of=rel)
+            writer.record_parity(rel, records[rel])
+        os.replace(staged_cache, cache_path)
+        writer.record(f"{folder}/{TIMING_CACHE_NAME}", "timing_cache", tensorrt=trt.__version__, gpu=gpu.name)
+        writer.commit()
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        with contextlib.suppress(OSError):  # a folder this call made and left empty
+            (writer.path / folder).rmdir()
+    return {rel: writer.manifest["files"][rel] for rel in entries}
