@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
                       "export the vision graphs to ONNX (FP32, FP16) into a bundle, each checked against PyTorch"),
     "build-engine": ("facellava.export.cli_vision", "build_engine",
                      "build TensorRT engines from a bundle's vision graphs on this GPU, checked against ORT"),
+    "run": ("facellava.runtime.cli", "run", "answer a question about a photo, video or camera frame"),
 }
 
 

@@ -1,0 +1,79 @@
+"""`facellava run`: answer a question about a photo, a video or a camera frame with an exported bundle."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from facellava.errors import FaceLlavaError
+
+
+def run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bundle", type=Path, help="an exported bundle directory")
+    parser.add_argument("question", help="the question, e.g. \"What emotion is shown in the video?\"")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", type=Path, help="a photograph")
+    source.add_argument("--video", type=Path, help="a video (8 frames are taken as the official processor does)")
+    source.add_argument("--camera", type=int, metavar="INDEX", help="one frame from an OpenCV camera")
+    marks = parser.add_mutually_exclusive_group()
+    marks.add_argument("--landmarks", type=Path, metavar="NPY", help="precomputed 68-point landmarks (official .npy)")
+    marks.add_argument("--no-landmarks", action="store_true", help="run without FRLP/FRGCA (the official demo's path)")
+    parser.add_argument("--no-face-crop", action="store_true", help="use the whole image when no face is found")
+    parser.add_argument("--face-index", type=int, help="which face, counted left to right (default: the largest)")
+    parser.add_argument("--llm", help="GGUF type (default: the most precise in the bundle)")
+    parser.add_argument("--vision", default="auto", help="auto, onnxruntime, tensorrt or torch")
+    parser.add_argument("--vision-precision", default="fp32", help="fp32 or fp16 (as exported)")
+    parser.add_argument("--n-gpu-layers", type=int, default=0, help="LLM layers offloaded to the GPU (-1: all)")
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+
+
+def camera_frame(index: int):
+    """One RGB frame from an OpenCV camera."""
+    import cv2
+
+    capture = cv2.VideoCapture(index)
+    try:
+        ok, frame = capture.read() if capture.isOpened() else (False, None)
+    finally:
+        capture.release()
+    if not ok:
+        raise FaceLlavaError(f"camera {index} cannot be opened or gives no frame")
+    return cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+
+
+def run(args: argparse.Namespace) -> int:
+    from facellava.runtime.pipeline import Pipeline
+
+    if not args.question.strip():
+        raise FaceLlavaError("the question is empty")
+    image = camera_frame(args.camera) if args.camera is not None else args.image
+    pipeline = Pipeline.open(args.bundle, vision=args.vision, llm=args.llm, n_gpu_layers=args.n_gpu_layers,
+                             vision_precision=args.vision_precision)
+    try:
+        stream = pipeline.ask(args.question, image=image, video=args.video, landmarks=args.landmarks,
+                              no_landmarks=args.no_landmarks, no_face_crop=args.no_face_crop,
+                              face_index=args.face_index, max_tokens=args.max_tokens,
+                              temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                              stream=True)
+        for piece in stream:
+            if not args.json:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        answer = stream.answer
+        assert answer is not None
+        if args.json:
+            print(json.dumps({**answer.to_json(), "vision_backend": pipeline.vision.name}))
+        else:
+            print()
+            print(f"[{answer.modality}, landmarks: {answer.landmarks}, vision: {pipeline.vision.name}, "
+                  f"{len(answer.tokens)} tokens, {answer.finish_reason}] {answer.timings.line()}")
+    finally:
+        pipeline.close()
+    return 0

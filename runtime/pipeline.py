@@ -1,0 +1,214 @@
+"""The whole answer: photo or video -> face crop + landmarks -> preprocessing -> vision -> LLM, timed per stage.
+
+```python
+pipeline = Pipeline.open("bundle", vision="auto", llm="q4_k_m", n_gpu_layers=-1)
+answer = pipeline.ask("What emotion is shown in the video?", video="clip.mp4")
+print(answer.text, answer.timings)
+for piece in pipeline.ask("How old is this person?", image="face.jpg", stream=True):
+    print(piece, end="", flush=True)
+```
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from facellava import contract
+from facellava.errors import FaceLlavaError
+from facellava.runtime import face, preprocess
+from facellava.runtime.bundle import Bundle
+from facellava.runtime.session import ChatSession, Generation, Sampling
+from facellava.runtime.vision import VisionBackend, open_vision
+
+# the most precise type present is the default: the one whose answers match the reference best
+LLM_PREFERENCE = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_0", "q4_k_m", "q4_0", "iq4_xs", "q3_k_s",
+                  "q2_k")
+
+
+@dataclass
+class Timings:
+    """Milliseconds per stage of one answer, and the LLM's speed."""
+
+    face_detection_ms: float = 0.0
+    landmarks_ms: float = 0.0
+    preprocessing_ms: float = 0.0
+    vision_ms: float = 0.0
+    time_to_first_token_ms: float = 0.0  # prefill: the prompt (text and visual tokens) to the first token
+    decode_tokens_per_s: float = 0.0
+    total_ms: float = 0.0
+
+    def line(self) -> str:
+        return (f"face {self.face_detection_ms:.1f} ms | landmarks {self.landmarks_ms:.1f} ms | preprocessing "
+                f"{self.preprocessing_ms:.1f} ms | vision {self.vision_ms:.1f} ms | time to first token "
+                f"{self.time_to_first_token_ms:.1f} ms | decode {self.decode_tokens_per_s:.1f} tokens/s | "
+                f"total {self.total_ms:.1f} ms")
+
+
+@dataclass
+class Answer:
+    text: str
+    tokens: list[int]
+    finish_reason: str
+    modality: str
+    landmarks: str  # where the landmarks came from: "face mesh", "file", "none", "none (face mesh found none)"
+    prompt_positions: int
+    timings: Timings = field(default_factory=Timings)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class AnswerStream:
+    """Iterate for the answer's text pieces as they are generated; `answer` is complete once exhausted."""
+
+    def __init__(self, pieces: Iterator[str], finish: Any):
+        self._pieces = pieces
+        self._finish = finish
+        self.answer: Answer | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._pieces
+        self.answer = self._finish()
+
+
+@dataclass
+class PreparedInput:
+    modality: contract.Modality
+    pixel_values: np.ndarray  # [1,3,224,224] or [1,3,8,224,224]
+    landmarks: np.ndarray | None  # [1,68,2] or [1,8,68,2]
+    landmarks_source: str
+    timings: Timings
+
+
+class Pipeline:
+    """A bundle opened for answering: the vision backend, the LLM session and the face front end."""
+
+    def __init__(self, bundle: Bundle, vision: VisionBackend, session: ChatSession):
+        self.bundle = bundle
+        self.vision = vision
+        self.session = session
+        self._front_end: face.FaceFrontEnd | None = None
+
+    @classmethod
+    def open(cls, bundle: str | Path, vision: str = "auto", llm: str | None = None, n_gpu_layers: int = 0,
+             n_ctx: int = 4096, vision_precision: str = "fp32", verbose: bool = False) -> Pipeline:
+        """Open a bundle: verify its manifest and the files used, pick the vision backend (`auto`,
+        `onnxruntime`, `tensorrt`, `torch`) and the GGUF type (`llm`; default: the most precise present), load the
+        LLM with `n_gpu_layers` offloaded. Raises FaceLlavaError for a bundle that is missing, altered, or lacks
+        what was asked for."""
+        from facellava.runtime.llm import LlamaModel
+
+        opened = Bundle.open(bundle)
+        types = {opened.files[name].get("type"): name for name in opened.find("llm")}
+        if not types:
+            raise FaceLlavaError(f"{opened.path} has no GGUF; export one with `facellava export llm`")
+        if llm is None:
+            llm = next((t for t in LLM_PREFERENCE if t in types), sorted(types)[0])
+        if llm not in types:
+            raise FaceLlavaError(f"{opened.path} has no {llm} GGUF (it has: {', '.join(sorted(types))})")
+        backend = open_vision(opened, vision, vision_precision)
+        model = LlamaModel.open(opened.path_of(types[llm]), n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
+                                verbose=verbose)
+        return cls(opened, backend, ChatSession(model))
+
+    @property
+    def front_end(self) -> face.FaceFrontEnd:
+        if self._front_end is None:
+            self._front_end = face.FaceFrontEnd()
+        return self._front_end
+
+    def prepare(self, image: str | Path | np.ndarray | None = None, video: str | Path | None = None,
+                landmarks: str | Path | np.ndarray | None = None, no_landmarks: bool = False,
+                no_face_crop: bool = False, face_index: int | None = None) -> PreparedInput:
+        """Face crop, landmarks and preprocessing of one image or video, timed."""
+        if (image is None) == (video is None):
+            raise FaceLlavaError("give exactly one of an image or a video")
+        if no_landmarks and landmarks is not None:
+            raise FaceLlavaError("give landmarks or ask for none, not both")
+        timings = Timings()
+        run_mesh = not no_landmarks and landmarks is None
+        if image is not None:
+            modality: contract.Modality = "image"
+            rgb = image if isinstance(image, np.ndarray) else face.load_image(image)
+            crops = [self.front_end.process_image(face.check_image(rgb), face_index=face_index,
+                                                  no_face_crop=no_face_crop, landmarks=run_mesh)]
+        else:
+            modality = "video"
+            clip = face.read_video(video)
+            crops = self.front_end.process_video(clip.frames, face_index=face_index, no_face_crop=no_face_crop,
+                                                 landmarks=run_mesh)
+        timings.face_detection_ms = sum(c.detect_ms for c in crops)
+        timings.landmarks_ms = sum(c.landmarks_ms for c in crops)
+
+        if no_landmarks:
+            points, source = None, "none"
+        elif landmarks is not None:
+            if isinstance(landmarks, np.ndarray):
+                points = landmarks.astype(np.float32)
+            else:
+                frames = clip.num_frames if modality == "video" else None
+                points = face.load_landmarks(landmarks, modality, frames)
+            source = "file"
+        elif any(c.landmarks is None for c in crops):
+            points, source = None, "none (face mesh found none)"
+        else:
+            points = np.stack([c.landmarks for c in crops]) if modality == "video" else crops[0].landmarks
+            source = "face mesh"
+
+        start = time.perf_counter()
+        if modality == "image":
+            pixels = preprocess.preprocess_image(crops[0].crop)
+        else:
+            pixels = preprocess.preprocess_video([c.crop for c in crops])
+        timings.preprocessing_ms = (time.perf_counter() - start) * 1000
+        return PreparedInput(modality, pixels[None], None if points is None else points[None], source, timings)
+
+    def ask(self, question: str, image: str | Path | np.ndarray | None = None, video: str | Path | None = None,
+            landmarks: str | Path | np.ndarray | None = None, no_landmarks: bool = False,
+            no_face_crop: bool = False, face_index: int | None = None, max_tokens: int = 256,
+            temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+            stream: bool = False) -> Answer | AnswerStream:
+        """Answer a question about one image (a path or an RGB array) or one video (a path).
+
+        `landmarks` is an official-format .npy (or an array already divided by 256); `no_landmarks` runs the
+        model without FRLP/FRGCA. Greedy unless `temperature` > 0. Returns the Answer, or with `stream` an
+        AnswerStream yielding text pieces whose `answer` is set at the end. Raises FaceLlavaError for bad input.
+        """
+        if not question.strip():
+            raise FaceLlavaError("the question is empty")
+        start = time.perf_counter()
+        prepared = self.prepare(image, video, landmarks, no_landmarks, no_face_crop, face_index)
+        tokens, prepared.timings.vision_ms = self.vision.encode_timed(prepared.modality, prepared.pixel_values,
+                                                                      prepared.landmarks)
+        blocks = list(tokens[0]) if prepared.modality == "video" else [tokens[0]]
+        if blocks[0].shape[-1] != self.session.llm.n_embd:
+            raise FaceLlavaError(f"the vision graph gives {blocks[0].shape[-1]}-wide tokens but the LLM takes "
+                                 f"{self.session.llm.n_embd}: the bundle mixes two models; export it again")
+        generation = Generation()
+        pieces = self.session.stream(question, prepared.modality, blocks, max_tokens,
+                                     Sampling(temperature, top_p, top_k, seed), generation)
+
+        def finish() -> Answer:
+            timings = prepared.timings
+            timings.time_to_first_token_ms = generation.prefill_ms
+            timings.decode_tokens_per_s = generation.decode_tokens_per_s
+            timings.total_ms = (time.perf_counter() - start) * 1000
+            return Answer(generation.text, generation.tokens, generation.finish_reason, prepared.modality,
+                          prepared.landmarks_source, generation.prompt_positions, timings)
+
+        if stream:
+            return AnswerStream(pieces, finish)
+        for _ in pieces:
+            pass
+        return finish()
+
+    def close(self) -> None:
+        if self._front_end is not None:
+            self._front_end.close()
+        self.session.llm.close()

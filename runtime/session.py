@@ -1,0 +1,169 @@
+"""A Face-LLaVA conversation on llama.cpp: the prompt built by the contract, visual blocks injected as
+embeddings, the system-prompt prefix kept in the KV cache across questions, sampling through llama.cpp's own
+samplers, and streaming that never cuts a UTF-8 character in two.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import llama_cpp
+import numpy as np
+
+from facellava import contract
+from facellava.errors import FaceLlavaError
+from facellava.runtime.llm import LlamaModel
+
+
+@dataclass
+class Sampling:
+    """Greedy by default; a temperature above 0 samples with top-k (0: off), top-p (1: off) and a seed."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+
+    def sampler_chain(self) -> ctypes.c_void_p:
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        if self.temperature <= 0:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+            return chain
+        if self.top_k > 0:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(self.top_k))
+        if self.top_p < 1:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(self.top_p, 1))
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(self.temperature))
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(self.seed & 0xFFFFFFFF))
+        return chain
+
+
+@dataclass
+class Generation:
+    """What one answer produced: its text and tokens, why it stopped, and how long the LLM took."""
+
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str = ""  # "eos", "stop" (a stop string) or "length" (max_tokens)
+    prompt_positions: int = 0  # positions the prompt took (text tokens + visual tokens)
+    reused_prefix: int = 0  # of which were already in the KV cache
+    prefill_ms: float = 0.0  # from the first prompt position to the first sampled token: time to first token
+    decode_ms: float = 0.0  # the rest of the tokens
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        steps = len(self.tokens) - 1  # the first token comes out of the prefill
+        return steps / (self.decode_ms / 1000) if steps > 0 and self.decode_ms > 0 else 0.0
+
+
+class ChatSession:
+    """The `llava_v1` conversation on one LlamaModel. Each `ask` is one USER turn about one image or video;
+    the system prompt's tokens are decoded once and reused from the KV cache by every later question."""
+
+    def __init__(self, llm: LlamaModel, stop: Sequence[str] = (contract.STOP_STRING,)):
+        self.llm = llm
+        self.stop = tuple(s for s in stop if s)
+        # the text before the first visual block is the same for every question
+        prefix_text = contract.build_prompt("", "image").split(contract.IMAGE_PLACEHOLDER)[0]
+        self.prefix_ids = contract.tokenize_prompt(prefix_text, llm.tokenize, llm.bos_id)
+        self._prefix_cached = False
+
+    def prompt_ids(self, question: str, modality: contract.Modality) -> list[int]:
+        """The prompt's ids under the official chunked rule, visual blocks marked by IMAGE_TOKEN_INDEX."""
+        return contract.tokenize_prompt(contract.build_prompt(question, modality), self.llm.tokenize,
+                                        self.llm.bos_id)
+
+    def stream(self, question: str, modality: contract.Modality, visual_blocks: Sequence[np.ndarray],
+               max_tokens: int = 256, sampling: Sampling | None = None,
+               result: Generation | None = None) -> Iterator[str]:
+        """Yield the answer's text piece by piece; `result` (when given) is filled in as it goes.
+
+        Raises FaceLlavaError for an empty question or a prompt that does not fit the context.
+        """
+        if not question.strip():
+            raise FaceLlavaError("the question is empty")
+        if max_tokens < 1:
+            raise FaceLlavaError(f"max_tokens must be at least 1, got {max_tokens}")
+        result = result if result is not None else Generation()
+        ids = self.prompt_ids(question, modality)
+        if ids[:len(self.prefix_ids)] != self.prefix_ids:
+            raise RuntimeError("the prompt does not start with the cached system prefix")
+        visual_positions = sum(len(block) for block in visual_blocks)
+        result.prompt_positions = len(ids) - ids.count(contract.IMAGE_TOKEN_INDEX) + visual_positions
+        if result.prompt_positions + 1 > self.llm.n_ctx:
+            raise FaceLlavaError(f"the prompt takes {result.prompt_positions} positions and the context holds "
+                                 f"{self.llm.n_ctx}; shorten the question or open the LLM with a larger context")
+
+        start = time.perf_counter()
+        if self._prefix_cached:
+            self.llm.rewind(len(self.prefix_ids))
+            result.reused_prefix = len(self.prefix_ids)
+        else:
+            self.llm.reset()
+            self.llm.eval_tokens(self.prefix_ids)
+            self._prefix_cached = True
+        self.llm.eval_prompt(ids[len(self.prefix_ids):], visual_blocks)
+        yield from self._decode(result, max_tokens, sampling or Sampling(), start)
+
+    def _decode(self, result: Generation, max_tokens: int, sampling: Sampling, start: float) -> Iterator[str]:
+        chain = sampling.sampler_chain()
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        pending = ""  # decoded text held back while it could be the start of a stop string
+        first = True
+        try:
+            while True:
+                token = llama_cpp.llama_sampler_sample(chain, self.llm.context, -1)
+                now = time.perf_counter()
+                if first:
+                    result.prefill_ms = (now - start) * 1000
+                    decode_start = now
+                if llama_cpp.llama_vocab_is_eog(self.llm.vocab, token):
+                    result.finish_reason = "eos"
+                    break
+                result.tokens.append(token)
+                piece = decoder.decode(self.llm.token_piece(token))
+                if first:
+                    piece = piece.removeprefix(" ")  # SentencePiece's dummy-prefix space
+                    first = False
+                pending += piece
+                emitted, pending, stopped = self._split_stop(pending)
+                if emitted:
+                    result.text += emitted
+                    yield emitted
+                if stopped:
+                    result.finish_reason = "stop"
+                    break
+                if len(result.tokens) >= max_tokens:
+                    result.finish_reason = "length"
+                    break
+                if self.llm.n_past + 1 > self.llm.n_ctx:
+                    result.finish_reason = "length"
+                    break
+                self.llm.eval_tokens([token])
+            if result.finish_reason != "stop":
+                tail = pending + decoder.decode(b"", final=True)
+                if tail:
+                    result.text += tail
+                    yield tail
+        finally:
+            llama_cpp.llama_sampler_free(chain)
+            if not first:
+                result.decode_ms = (time.perf_counter() - decode_start) * 1000
+
+    def _split_stop(self, pending: str) -> tuple[str, str, bool]:
+        """(text safe to emit, text to hold back, whether a stop string was reached)."""
+        for stop in self.stop:
+            index = pending.find(stop)
+            if index >= 0:
+                return pending[:index], "", True
+        hold = 0
+        for stop in self.stop:  # the longest tail of pending that begins a stop string
+            for size in range(min(len(stop) - 1, len(pending)), 0, -1):
+                if stop.startswith(pending[-size:]):
+                    hold = max(hold, size)
+                    break
+        return pending[:len(pending) - hold], pending[len(pending) - hold:], False
