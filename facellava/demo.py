@@ -1,17 +1,34 @@
-"""`facellava demo`: the main job on a built-in default, with no downloads."""
+"""`facellava demo`: the whole job on a built-in default, with no downloads.
+
+It builds a tiny Face-LLaVA checkpoint in the official layout, exports both halves into a bundle (both cached
+under ~/.cache/facellava), and answers a question about the face photograph the package ships, printing the
+answer, the time each stage took and the parity figures the exports measured.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
+from facellava import contract
+
 TINY_VERSION = "tiny-v1-seed0"  # bump when model/tiny.py changes what it writes
+DEMO_LLM_TYPES = ("f32", "q8_0")
+DEMO_QUESTION = "What emotion is shown in the picture?"
 
 
 def cache_dir() -> Path:
     """Where the demo keeps what it builds: $FACELLAVA_CACHE, else ~/.cache/facellava."""
     return Path(os.environ.get("FACELLAVA_CACHE", Path.home() / ".cache" / "facellava"))
+
+
+def face_photo() -> Path:
+    """The public-domain portrait shipped with the package (NASA, via scikit-image's `astronaut`)."""
+    from importlib import resources
+
+    return Path(str(resources.files("facellava.runtime.assets") / "astronaut.jpg"))
 
 
 def tiny_checkpoint() -> Path:
@@ -20,22 +37,71 @@ def tiny_checkpoint() -> Path:
 
     path = cache_dir() / TINY_VERSION
     if not (path / "config.json").is_file():
-        print(f"building the tiny checkpoint in {path} ...")
+        print(f"building the tiny checkpoint in {path} ...", flush=True)
         make_tiny_checkpoint(path, seed=0)
     return path
 
 
+def demo_bundle() -> Path:
+    """The demo's bundle (FP32 vision graphs for image and video, with and without landmarks; F32 and Q8_0
+    GGUFs), exported once from the tiny checkpoint and cached."""
+    from facellava.export.llm import export_llm_bundle
+    from facellava.export.vision import export_vision
+
+    checkpoint = tiny_checkpoint()
+    bundle = cache_dir() / f"{TINY_VERSION}-bundle"
+    manifest_path = bundle / contract.MANIFEST_NAME
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"files": {}}
+    kinds = {entry.get("kind") for entry in manifest["files"].values()}
+    if "vision" not in kinds:
+        print(f"exporting the vision graphs to {bundle} ...", flush=True)
+        export_vision(checkpoint, bundle, precisions=("fp32",))
+    if "llm" not in kinds:
+        print(f"exporting the LLM to {bundle} ...", flush=True)
+        export_llm_bundle(checkpoint, bundle, types=DEMO_LLM_TYPES)
+    return bundle
+
+
 def demo_arguments(parser: argparse.ArgumentParser) -> None:
-    """The demo takes no arguments: it is the built-in default."""
+    parser.add_argument("--question", default=DEMO_QUESTION)
+    parser.add_argument("--max-tokens", type=int, default=24)
+
+
+def _parity_lines(manifest: dict) -> list[str]:
+    lines = []
+    for name, figures in sorted(manifest.get("parity", {}).items()):
+        shown = {k: figures[k] for k in ("cosine", "rel_err", "first_token_rel_error", "greedy_identical",
+                                         "prompts", "top1_agreement", "mean_kl", "passed") if k in figures}
+        values = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
+        lines.append(f"  {name}: {values}")
+    return lines
 
 
 def demo(args: argparse.Namespace) -> int:
-    from types import SimpleNamespace
+    from facellava.runtime.pipeline import Pipeline
 
-    from facellava.model.cli import inspect
-
-    checkpoint = tiny_checkpoint()
-    print("The tiny checkpoint has the real architecture and input contract but RANDOM weights: its answers are "
-          "noise. Point the tools at the released checkpoint (chaubeyG/FaceLLaVA, downloaded yourself) with "
-          "`facellava inspect DIR --image-tower LanguageBind_Image --video-tower LanguageBind_Video_merge`.\n")
-    return inspect(SimpleNamespace(checkpoint=checkpoint, image_tower=None, video_tower=None, json=False))
+    bundle = demo_bundle()
+    print("\nThe tiny model has Face-LLaVA's architecture and input contract but RANDOM weights: its answer is "
+          "noise.\nFor real answers, export the released checkpoint (chaubeyG/FaceLLaVA with LanguageBind_Image "
+          "and LanguageBind_Video_merge, downloaded yourself):\n  facellava export vision --checkpoint FaceLLaVA "
+          "--image-tower LanguageBind_Image --video-tower LanguageBind_Video_merge --out bundle\n"
+          "  facellava export llm --checkpoint FaceLLaVA --out bundle --types f16,q4_k_m\n"
+          "  facellava run bundle --image face.jpg \"What emotion is shown in the picture?\"\n")
+    pipeline = Pipeline.open(bundle)
+    try:
+        print(f"Q: {args.question}  [image: {face_photo().name}]")
+        print("A: ", end="", flush=True)
+        stream = pipeline.ask(args.question, image=face_photo(), max_tokens=args.max_tokens, stream=True)
+        for piece in stream:
+            print(piece, end="", flush=True)
+        answer = stream.answer
+        assert answer is not None
+        print(f"\n\nlandmarks: {answer.landmarks}; vision backend: {pipeline.vision.name}; "
+              f"{answer.prompt_positions} prompt positions, {len(answer.tokens)} tokens ({answer.finish_reason})")
+        print(answer.timings.line())
+    finally:
+        pipeline.close()
+    manifest = json.loads((bundle / contract.MANIFEST_NAME).read_text())
+    print("\nparity against the PyTorch reference, measured at export:")
+    print("\n".join(_parity_lines(manifest)))
+    return 0
