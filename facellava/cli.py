@@ -18,6 +18,9 @@ from facellava.errors import FaceLlavaError
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "make-tiny": ("facellava.model.cli", "make_tiny", "write a tiny random checkpoint in the official layout"),
     "inspect": ("facellava.model.cli", "inspect", "load a checkpoint, check it, and print what it holds"),
+    "train": ("facellava.model.cli", "train", "train a checkpoint (stage 1 or 2, optional LoRA) on a data file"),
+    "make-synthetic-data": ("facellava.model.cli", "make_synthetic_data",
+                            "write a small synthetic face instruction data set (the shipped photograph, augmented)"),
 }
 
 
