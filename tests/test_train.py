@@ -280,6 +280,9 @@ def test_synthetic_data_is_seeded_and_official(synthetic: Path, tmp_path: Path):
     with pytest.raises(FaceLlavaError, match="not an empty directory"):
         make_synthetic_data(synthetic.parent, n=2)
     shutil.rmtree(again.parent)
+    assert main(["make-synthetic-data", str(tmp_path / "cli"), "--n", "3", "--seed", "1"]) == 0
+    assert len(json.loads((tmp_path / "cli" / "data.json").read_text())) == 3
+    assert main(["make-synthetic-data", str(tmp_path / "cli"), "--n", "3"]) == 1  # exists: refused
 
 
 def test_other_base_layouts_are_kept(synthetic: Path, tmp_path: Path):
@@ -302,3 +305,24 @@ def test_other_base_layouts_are_kept(synthetic: Path, tmp_path: Path):
     assert towers and all(torch.equal(before[key], after[key]) for key in towers)
     assert not torch.equal(before["lm_head.weight"], after["lm_head.weight"])
     assert FaceLlava.from_pretrained(result.out).image_tower is not None
+
+
+def test_padding_does_not_change_the_loss(synthetic: Path, tokenizer: ConversationTokenizer, tiny_model):
+    """The batch loss is the token-weighted mean of the samples' own losses: right padding without an attention
+    mask changes nothing that is learned from."""
+    from facellava.model.modeling import spliced_labels
+    from facellava.model.train import visual_blocks
+
+    dataset = ConversationDataset.load(synthetic, tokenizer, max_length=3072)
+    records = [dataset.records[0], dataset.records[2], dataset.records[-1]]  # short, two-round, video
+    examples = [dataset.load_example(record) for record in records]
+    assert [r.kind for r in records] == ["image", "image", "video"]
+    with torch.no_grad():
+        blocks = visual_blocks(tiny_model, examples, torch.device("cpu"))
+        ids, labels = [r.input_ids for r in records], [r.labels for r in records]
+        batch = tiny_model.forward_train(ids, labels, blocks)
+        alone = [tiny_model.forward_train([i], [label], [b]) for i, label, b in zip(ids, labels, blocks, strict=True)]
+    counts = [sum(x != IGNORE_INDEX for x in spliced_labels(i, label, [len(b) for b in block])[1:])
+              for i, label, block in zip(ids, labels, blocks, strict=True)]
+    expected = sum(loss * n for loss, n in zip(alone, counts, strict=True)) / sum(counts)
+    torch.testing.assert_close(batch, expected, rtol=1e-5, atol=1e-5)
