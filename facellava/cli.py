@@ -24,6 +24,9 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "build-engine": ("facellava.export.cli_vision", "build_engine",
                      "build TensorRT engines from a bundle's vision graphs on this GPU, checked against ORT"),
     "run": ("facellava.runtime.cli", "run", "answer a question about a photo, video or camera frame"),
+    "train": ("facellava.model.cli", "train", "train a checkpoint (stage 1 or 2, optional LoRA) on a data file"),
+    "make-synthetic-data": ("facellava.model.cli", "make_synthetic_data",
+                            "write a small synthetic face instruction data set (the shipped photograph, augmented)"),
 }
 
 

@@ -1,4 +1,4 @@
-"""`facellava make-tiny` and `facellava inspect`."""
+"""`facellava make-tiny`, `inspect`, `train` and `make-synthetic-data`."""
 
 from __future__ import annotations
 
@@ -107,4 +107,64 @@ def inspect(args: argparse.Namespace) -> int:
     print("tokenizer    " + ("none" if tokenizer is None else f"SentencePiece, {tokenizer['pieces']} pieces"))
     print(f"loaded in {info['load_seconds']} s; peak resident memory {info['peak_rss_mb']} MB "
           f"({info['rss_before_load_mb']} MB before loading: Python, torch, transformers)")
+    return 0
+
+
+def train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--stage", type=int, choices=[1, 2], required=True,
+                        help="1: only the landmark modules learn; 2: everything but the towers")
+    parser.add_argument("--data", type=Path, required=True, help="data file in the official LLaVA JSON format")
+    parser.add_argument("--checkpoint", type=Path, required=True, help="base checkpoint directory (official layout)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="output directory: the trained checkpoint, and checkpoint-<step>/ to resume from")
+    parser.add_argument("--lora", action="store_true", help="stage 2: LoRA adapters on the LLM, merged on save")
+    parser.add_argument("--lora-r", type=int, default=64)
+    parser.add_argument("--lora-alpha", type=int, default=16)
+    parser.add_argument("--lora-dropout", type=float, default=0.05)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--lr", type=float, help="learning rate (default: 1e-4 in stage 1, 2e-5 in stage 2)")
+    parser.add_argument("--batch", type=int, default=1, help="samples per micro-batch")
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument("--max-length", type=int, default=3072, help="positions per sample (text + visual)")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (weights stay float32)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest OUT/checkpoint-<step>")
+    parser.add_argument("--max-steps", type=int, help="optimizer steps in all (default: epochs x steps per epoch)")
+    parser.add_argument("--save-every", type=int, default=200, help="optimizer steps between training checkpoints")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--image-tower", type=Path, help="LanguageBind_Image directory (default: the checkpoint's)")
+    parser.add_argument("--video-tower", type=Path,
+                        help="LanguageBind_Video_merge directory (default: the checkpoint's)")
+    parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+
+
+def train(args: argparse.Namespace) -> int:
+    from facellava.model.train import TrainConfig
+    from facellava.model.train import train as run_training
+
+    config = TrainConfig(stage=args.stage, lora=args.lora, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                         lora_dropout=args.lora_dropout, epochs=args.epochs, lr=args.lr, batch_size=args.batch,
+                         grad_accum=args.grad_accum, max_length=args.max_length, bf16=args.bf16,
+                         max_steps=args.max_steps, seed=args.seed, save_every=args.save_every)
+    result = run_training(args.data, args.checkpoint, args.out, config, image_tower=args.image_tower,
+                          video_tower=args.video_tower, resume=args.resume, device=args.device)
+    first, last = result.losses[0], sum(result.losses[-5:]) / len(result.losses[-5:])
+    skipped = ", ".join(f"{count} {reason}" for reason, count in result.skipped.items()) or "none"
+    print(f"trained {result.steps} steps in {result.seconds:.1f} s: loss {first:.4f} -> {last:.4f} "
+          f"(mean of the last 5 steps); records skipped: {skipped}")
+    print(f"wrote the trained checkpoint to {result.out}")
+    return 0
+
+
+def make_synthetic_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("out_dir", type=Path, help="directory to create (must not exist, or be empty)")
+    parser.add_argument("--n", type=int, default=32, help="number of records")
+    parser.add_argument("--videos", type=int, help="how many of them are videos (default: n // 8, at least 1)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def make_synthetic_data(args: argparse.Namespace) -> int:
+    from facellava.model.synthetic import make_synthetic_data as write_data
+
+    path = write_data(args.out_dir, n=args.n, seed=args.seed, videos=args.videos)
+    print(f"wrote {args.n} synthetic records (seed {args.seed}) to {path}")
     return 0

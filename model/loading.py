@@ -278,20 +278,28 @@ def tower_config_from_tensors(shapes: dict[str, torch.Size], select_layer: int) 
     )
 
 
-def _tower_source(kind: str, explicit: str | Path | None, config: FaceLlavaConfig, checkpoint_dir: Path,
-                  weights: CheckpointWeights) -> tuple[TowerConfig, dict[str, tuple[CheckpointWeights, str]]] | None:
-    """Where a tower's weights come from: (its config, {tower key: (weights, key there)}), or None."""
-    named = config.mm_image_tower if kind == "image" else config.mm_video_tower
-    directory: Path | None = None
+def tower_directory(kind: str, config: FaceLlavaConfig, checkpoint_dir: str | Path,
+                    explicit: str | Path | None = None) -> Path | None:
+    """The LanguageBind directory a tower is read from: `explicit` when given, else `mm_image_tower` /
+    `mm_video_tower` when it names a directory (as given, then inside the checkpoint); None when there is none
+    (the tower may then be stored inside the checkpoint). Raises FaceLlavaError for a missing explicit one."""
     if explicit is not None:
         directory = Path(explicit)
         if not directory.is_dir():
             raise FaceLlavaError(f"{kind} tower directory {directory} does not exist")
-    elif named:
-        for candidate in (Path(named), checkpoint_dir / named):
+        return directory
+    named = config.mm_image_tower if kind == "image" else config.mm_video_tower
+    if named:
+        for candidate in (Path(named), Path(checkpoint_dir) / named):
             if candidate.is_dir():
-                directory = candidate
-                break
+                return candidate
+    return None
+
+
+def _tower_source(kind: str, explicit: str | Path | None, config: FaceLlavaConfig, checkpoint_dir: Path,
+                  weights: CheckpointWeights) -> tuple[TowerConfig, dict[str, tuple[CheckpointWeights, str]]] | None:
+    """Where a tower's weights come from: (its config, {tower key: (weights, key there)}), or None."""
+    directory = tower_directory(kind, config, checkpoint_dir, explicit)
     if directory is not None:
         tower_config = tower_config_from_languagebind(directory, config.mm_vision_select_layer)
         tower_weights = CheckpointWeights.open(directory)

@@ -14,7 +14,7 @@ The pieces, in the paper's words (Chaubey, Guan, Soleymani, WACV 2026) and the o
 - The LLM: transformers' `LlamaForCausalLM` (Vicuna-7B v1.5).
 
 `FaceLlava` joins them and offers the public API the exporters and checks call: `from_pretrained`,
-`encode_image`, `encode_video`, `embed_prompt`, `generate_reference`.
+`encode_image`, `encode_video`, `embed_prompt`, `generate_reference`; training calls `forward_train`.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from facellava import contract
 from facellava.errors import FaceLlavaError
+
+IGNORE_INDEX = -100  # labels the loss skips, as in the official code
 
 # --- configuration ------------------------------------------------------------------------------------------
 
@@ -485,19 +487,29 @@ class FaceLlava(nn.Module):
 
         Raises FaceLlavaError when the checkpoint has no image tower or no landmark modules for given landmarks.
         """
-        if self.image_tower is None:
-            raise FaceLlavaError("this model has no image tower; pass image_tower=DIR (a LanguageBind_Image "
-                                 "directory) to from_pretrained")
-        features = self.image_tower(pixel_values.to(self.dtype))[:, 1:]  # CLS dropped: 256 patch tokens
-        return self.fuse_landmarks(self.mm_projector(features), landmarks)
+        return self.project_visual(self.image_features(pixel_values), landmarks)
 
     def encode_video(self, pixel_values: torch.Tensor, landmarks: torch.Tensor | None = None) -> torch.Tensor:
         """Visual tokens of face videos: pixel_values [B, 3, 8, 224, 224], landmarks [B, 8, 68, 2] or None ->
         [B, 8, 257, D] (CLS kept). Raises FaceLlavaError when the checkpoint has no video tower."""
+        return self.project_visual(self.video_features(pixel_values), landmarks)
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The image tower's features [B, 256, C] (CLS dropped), before the projector."""
+        if self.image_tower is None:
+            raise FaceLlavaError("this model has no image tower; pass image_tower=DIR (a LanguageBind_Image "
+                                 "directory) to from_pretrained")
+        return self.image_tower(pixel_values.to(self.dtype))[:, 1:]
+
+    def video_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The video tower's features [B, 8, 257, C] (CLS kept), before the projector."""
         if self.video_tower is None:
             raise FaceLlavaError("this model has no video tower; pass video_tower=DIR (a LanguageBind_Video_merge "
                                  "directory) to from_pretrained")
-        features = self.video_tower(pixel_values.to(self.dtype))
+        return self.video_tower(pixel_values.to(self.dtype))
+
+    def project_visual(self, features: torch.Tensor, landmarks: torch.Tensor | None) -> torch.Tensor:
+        """Tower features [..., N, C] to visual tokens [..., N, D]: mm projector, then FRLP + FRGCA."""
         return self.fuse_landmarks(self.mm_projector(features), landmarks)
 
     # -- language --------------------------------------------------------------------------------------------
@@ -527,7 +539,7 @@ class FaceLlava(nn.Module):
                 text.append(token)
                 continue
             if text:
-                pieces.append(embed(torch.tensor(text, dtype=torch.long)))
+                pieces.append(embed(torch.tensor(text, dtype=torch.long, device=embed.weight.device)))
                 text = []
             if token == contract.IMAGE_TOKEN_INDEX:
                 pieces.append(next(blocks_left).to(embed.weight.dtype))
@@ -561,3 +573,52 @@ class FaceLlava(nn.Module):
         vocab = self.config.vocab_size
         logits = torch.stack(step_logits) if step_logits else torch.empty(0, vocab)
         return ReferenceOutput(tokens=tokens, logits=logits, text=text)
+
+    # -- training --------------------------------------------------------------------------------------------
+
+    def forward_train(self, input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]],
+                      visual_blocks: Sequence[Sequence[torch.Tensor]], max_length: int | None = None
+                      ) -> torch.Tensor:
+        """The causal-LM loss of a batch, averaged over its supervised tokens, as the official trainer takes it.
+
+        Per sample: the token ids with IMAGE_TOKEN_INDEX markers, labels as long as the ids (IGNORE_INDEX where
+        nothing is learned), and the visual blocks in order (as for `embed_prompt`). Each block's positions get
+        IGNORE_INDEX; each spliced sequence is cut to `max_length` and padded on the right. No attention mask is
+        needed: with causal attention and padding on the right, no real position ever sees a padded one. Raises
+        ValueError when no label is left to learn from.
+        """
+        sequences, targets = [], []
+        for ids, sample_labels, blocks in zip(input_ids, labels, visual_blocks, strict=True):
+            embeds = self.embed_prompt(ids, blocks)
+            target = spliced_labels(ids, sample_labels, [len(block) for block in blocks])
+            sequences.append(embeds[:max_length])
+            targets.append(target[:max_length])
+        length = max(len(sequence) for sequence in sequences)
+        device = sequences[0].device
+        batch = torch.zeros(len(sequences), length, sequences[0].shape[-1], dtype=sequences[0].dtype, device=device)
+        target_ids = torch.full((len(sequences), length), IGNORE_INDEX, dtype=torch.long, device=device)
+        for row, (sequence, target) in enumerate(zip(sequences, targets, strict=True)):
+            batch[row, :len(sequence)] = sequence
+            target_ids[row, :len(target)] = torch.tensor(target, dtype=torch.long)
+        # position t predicts token t + 1
+        shifted = target_ids[:, 1:]
+        if not (shifted != IGNORE_INDEX).any():
+            raise ValueError("no supervised tokens in this batch")
+        positions = torch.arange(length, device=device).expand(len(sequences), -1)
+        logits = self.llm(inputs_embeds=batch, position_ids=positions, use_cache=False).logits
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def spliced_labels(input_ids: Sequence[int], labels: Sequence[int], block_lengths: Sequence[int]) -> list[int]:
+    """Labels for the spliced sequence: each IMAGE_TOKEN_INDEX label becomes `block_lengths[i]` IGNORE_INDEX
+    entries (nothing is learned at visual positions), the text labels stay as they are."""
+    if len(input_ids) != len(labels):
+        raise ValueError(f"{len(input_ids)} token ids but {len(labels)} labels")
+    spliced, lengths = [], iter(block_lengths)
+    for token, label in zip(input_ids, labels, strict=True):
+        if token == contract.IMAGE_TOKEN_INDEX:
+            spliced.extend([IGNORE_INDEX] * next(lengths))
+        else:
+            spliced.append(label)
+    return spliced
+

@@ -134,7 +134,7 @@ def _randomize(module: torch.nn.Module, generator: torch.Generator) -> None:
             tensor.copy_(values)
 
 
-def _official_state_dict(model: FaceLlava) -> dict[str, torch.Tensor]:
+def official_state_dict(model: FaceLlava) -> dict[str, torch.Tensor]:
     """Our module names back to the official checkpoint keys (the inverse of CHECKPOINT_PREFIXES)."""
     state = {}
     for name, tensor in model.state_dict().items():
@@ -170,7 +170,7 @@ def _languagebind_config(video: bool) -> dict:
             "vision_config": vision}
 
 
-def _write_weights(directory: Path, state: dict[str, torch.Tensor], weight_format: WeightFormat,
+def write_weights(directory: Path, state: dict[str, torch.Tensor], weight_format: WeightFormat,
                    shards: int) -> None:
     """Write `state` as the official trainer does: one file, or numbered shards plus an index."""
     from safetensors.torch import save_file
@@ -240,7 +240,7 @@ def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0, cross_attn: str = "
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        state = _official_state_dict(model)
+        state = official_state_dict(model)
         for kind, tower in (("image", model.image_tower), ("video", model.video_tower)):
             assert tower is not None
             tower_state = _tower_state(tower, generator)
@@ -251,8 +251,8 @@ def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0, cross_attn: str = "
                 tower_dir = staging / (IMAGE_TOWER_DIR if kind == "image" else VIDEO_TOWER_DIR)
                 tower_dir.mkdir()
                 (tower_dir / CONFIG_NAME).write_text(json.dumps(_languagebind_config(kind == "video"), indent=2))
-                _write_weights(tower_dir, tower_state, "bin", shards=1)
-        _write_weights(staging, state, weight_format, shards)
+                write_weights(tower_dir, tower_state, "bin", shards=1)
+        write_weights(staging, state, weight_format, shards)
         (staging / CONFIG_NAME).write_text(json.dumps(raw_config, indent=2))
         (staging / TOKENIZER_NAME).write_bytes(tokenizer)
         (staging / "tokenizer_config.json").write_text(json.dumps({
