@@ -32,6 +32,8 @@ import torch
 from facellava import contract
 from facellava.errors import FaceLlavaError
 from facellava.model.modeling import IGNORE_INDEX, spliced_labels
+from facellava.runtime import face
+from facellava.runtime.preprocess import preprocess_image, preprocess_video
 
 # --- the official training template (conv_vicuna_v1) ----------------------------------------------------------
 
@@ -291,18 +293,20 @@ class ConversationDataset:
             landmarks = np.load(record.landmarks).astype(np.float32)
             if not np.isfinite(landmarks).all():
                 raise UnusableRecord("landmarks that are not finite")
-        if record.kind == "image":
-            pixels = preprocess_image(pad_to_square(load_image(record.media)))
-            if landmarks is not None:
-                landmarks = landmarks.reshape(contract.NUM_LANDMARKS, 2)
-        else:
-            frames = read_video(record.media)
-            if landmarks is not None and len(landmarks) != len(frames):
-                raise UnusableRecord("landmark rows differ from the video's frame count")
-            chosen = contract.video_frame_indices(len(frames))
-            pixels = preprocess_video([frames[i] for i in chosen])
-            if landmarks is not None:
-                landmarks = landmarks[chosen]
+        try:
+            if record.kind == "image":
+                pixels = preprocess_image(pad_to_square(face.load_image(record.media)))
+                if landmarks is not None:
+                    landmarks = landmarks.reshape(contract.NUM_LANDMARKS, 2)
+            else:
+                video = face.read_video(record.media)  # the 8 frames at the official indices
+                if landmarks is not None and len(landmarks) != video.num_frames:
+                    raise UnusableRecord("landmark rows differ from the video's frame count")
+                pixels = preprocess_video(video.frames)
+                if landmarks is not None:
+                    landmarks = landmarks[video.frame_indices]
+        except FaceLlavaError:
+            raise UnusableRecord(f"{record.kind} file that cannot be decoded") from None
         if landmarks is not None:
             landmarks = torch.from_numpy(landmarks / contract.LANDMARK_SCALE)
         return Example(record, torch.from_numpy(pixels), landmarks)
@@ -323,72 +327,3 @@ def pad_to_square(image: np.ndarray) -> np.ndarray:
     top, left = (side - height) // 2, (side - width) // 2
     square[top:top + height, left:left + width] = image
     return square
-
-
-# --- STAND-IN for the runtime front end and preprocessing --------------------------------------------------------
-# TODO(merge): replace these four functions by facellava.runtime.face.load_image / read_video and
-# facellava.runtime.preprocess.preprocess_image / preprocess_video (written concurrently, branch `frontend`).
-# They follow the official processors closely enough for training on the synthetic data, no more.
-
-
-def load_image(path: Path) -> np.ndarray:
-    """STAND-IN: an image file as RGB uint8 [H, W, 3]. Raises UnusableRecord when it cannot be decoded."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError):
-        raise UnusableRecord("image file that cannot be decoded") from None
-
-
-def read_video(path: Path) -> list[np.ndarray]:
-    """STAND-IN: every frame of a video file as RGB uint8 [H, W, 3]. Raises UnusableRecord when none decodes."""
-    import cv2
-
-    capture = cv2.VideoCapture(str(path))
-    frames = []
-    while True:
-        ok, frame = capture.read()
-        if not ok:
-            break
-        frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
-    capture.release()
-    if not frames:
-        raise UnusableRecord("video file that cannot be decoded")
-    return frames
-
-
-def _normalize(pixels: np.ndarray) -> np.ndarray:
-    """[..., H, W, 3] uint8 -> CLIP-normalized float32 [3, ..., H, W]."""
-    values = (pixels.astype(np.float32) / 255.0 - np.array(contract.CLIP_MEAN, np.float32)) \
-        / np.array(contract.CLIP_STD, np.float32)
-    return np.ascontiguousarray(np.moveaxis(values, -1, 0))
-
-
-def _resize_crop(image: np.ndarray, resample: int) -> np.ndarray:
-    from PIL import Image
-
-    size = contract.IMAGE_SIZE
-    height, width = image.shape[:2]
-    scale = size / min(height, width)
-    resized = Image.fromarray(image).resize((max(size, round(width * scale)), max(size, round(height * scale))),
-                                           resample)
-    left, top = (resized.width - size) // 2, (resized.height - size) // 2
-    return np.asarray(resized.crop((left, top, left + size, top + size)))
-
-
-def preprocess_image(crop: np.ndarray) -> np.ndarray:
-    """STAND-IN: a face crop [H, W, 3] uint8 -> [3, 224, 224] float32 (bicubic resize, centre crop, CLIP norm)."""
-    from PIL import Image
-
-    return _normalize(_resize_crop(crop, Image.BICUBIC))
-
-
-def preprocess_video(frames: Sequence[np.ndarray]) -> np.ndarray:
-    """STAND-IN: eight frames [H, W, 3] uint8 -> [3, 8, 224, 224] float32 (bilinear, centre crop, CLIP norm)."""
-    from PIL import Image
-
-    if len(frames) != contract.NUM_FRAMES:
-        raise ValueError(f"expected {contract.NUM_FRAMES} frames, got {len(frames)}")
-    return _normalize(np.stack([_resize_crop(frame, Image.BILINEAR) for frame in frames]))

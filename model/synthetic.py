@@ -33,11 +33,25 @@ VIDEO_FPS = 24
 # -> 68 iBUG points [68, 2] in crop pixels, or None when it finds no face. A detector ignores the affine.
 LandmarkSource = Callable[[np.ndarray, np.ndarray], "np.ndarray | None"]
 
-# --- STAND-IN landmark source --------------------------------------------------------------------------------------
-# TODO(merge): make facellava.runtime.face.FaceFrontEnd's landmarks the default source (branch `frontend`), e.g.
-# `lambda crop, _affine: front_end.landmarks(crop)`. Until then the points are a canonical 68-point face shape
-# placed on the photograph's face by hand and carried through each augmentation: right by construction, not
-# detected.
+# --- landmark sources ---------------------------------------------------------------------------------------------
+
+
+def front_end_landmarks() -> LandmarkSource:
+    """The default source: the runtime's face front end (MediaPipe face mesh mapped to iBUG-68) on each crop,
+    as a user's own data would get them."""
+    from facellava.runtime.face import FaceFrontEnd
+
+    front_end = FaceFrontEnd()
+
+    def source(crop: np.ndarray, _affine: np.ndarray) -> np.ndarray | None:
+        points = front_end.landmarks(crop)
+        return None if points is None else points * contract.LANDMARK_SCALE  # crop pixels, as .npy files hold
+
+    return source
+
+
+# The alternative source `mean_face_landmarks`: a canonical 68-point face shape placed on the photograph's face by
+# hand and carried through each augmentation (right by construction, not detected; no MediaPipe needed).
 
 # Where the canonical shape's unit square lies on astronaut.jpg (x0, y0, x1, y1 in photo pixels), fitted by eye.
 FACE_BOX = (181.0, 66.0, 270.0, 178.0)
@@ -201,7 +215,7 @@ def make_synthetic_data(out_dir: str | Path, n: int = 32, seed: int = 0, videos:
     when n > 1) into `out_dir`, and return the path of its `data.json`.
 
     Each record is a seeded augmentation of the face photograph with landmarks from `landmark_source` (default:
-    the stand-in `mean_face_landmarks`) and a templated conversation; the tasks take turns, and every third
+    the runtime's face front end) and a templated conversation; the tasks take turns, and every third
     record has a second round. The directory is written under a temporary name and renamed, so it is whole or
     absent. Raises FaceLlavaError if `out_dir` exists and is not empty, or for n < 1.
     """
@@ -215,7 +229,7 @@ def make_synthetic_data(out_dir: str | Path, n: int = 32, seed: int = 0, videos:
     videos = (max(1, n // 8) if n > 1 else 0) if videos is None else videos
     if not 0 <= videos <= n:
         raise FaceLlavaError(f"--videos must be between 0 and {n}")
-    source = landmark_source or mean_face_landmarks
+    source = landmark_source or front_end_landmarks()
     rng = np.random.default_rng(seed)
     with Image.open(photo) as image:
         pixels = np.asarray(image.convert("RGB"))
