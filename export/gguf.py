@@ -17,14 +17,11 @@ the model is never held whole: peak memory is about one tensor, whatever the che
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import re
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import gguf
 import numpy as np
@@ -304,30 +301,17 @@ def _gguf_array(tensor: torch.Tensor, plan: TensorPlan, dtype: type) -> np.ndarr
     return tensor.contiguous().numpy()
 
 
-_MADV_DONTNEED = 4
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-_libc: Any = None
-
-
-def _release_pages(tensor: torch.Tensor) -> None:
-    """Drop the resident pages of a tensor read from a memory-mapped `.bin` shard once it has been written.
-    Only for such tensors: on ordinary memory the advice would discard live data.
-
-    The pages are clean pages of a read-only file mapping (the kernel reloads them from the file if touched
-    again), but until released they count as the process's resident memory: a 10 GB shard would otherwise end
-    up resident in full by the time its last tensor is converted.
-    """
-    global _libc
-    if not sys.platform.startswith("linux") or tensor.numel() == 0:
-        return
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    start = tensor.data_ptr()
-    end = start + tensor.numel() * tensor.element_size()
-    first = (start + _PAGE - 1) // _PAGE * _PAGE  # only whole pages that the tensor owns
-    last = end // _PAGE * _PAGE
-    if last > first:
-        _libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+def inspect_checkpoint(checkpoint_dir: str | Path
+                       ) -> tuple[FaceLlavaConfig, dict[str, TensorPlan], list[str]]:
+    """Everything about a checkpoint that the conversion checks before writing: its config, that its LLM is
+    LLaMA-shaped (config and tensor names), that its tokenizer is usable. Returns (config, tensor plan, stripped
+    keys). Raises FaceLlavaError naming the first problem."""
+    checkpoint_dir = Path(checkpoint_dir)
+    config = read_config(checkpoint_dir)
+    check_llama_config(config)
+    read_vocabulary(checkpoint_dir / TOKENIZER_NAME, config.vocab_size)
+    plan = tensor_plan(config)
+    return config, plan, match_checkpoint(CheckpointWeights.open(checkpoint_dir), plan)
 
 
 def convert_to_gguf(checkpoint_dir: str | Path, out_path: str | Path, out_type: str = "f16",
@@ -380,9 +364,8 @@ def convert_to_gguf(checkpoint_dir: str | Path, out_path: str | Path, out_type: 
                                      f"{tuple(tensor.shape)}, config.json implies {item.shape}")
             writer.write_tensor_data(_gguf_array(tensor, item, dtype))
             parameters += tensor.numel()
-            if weights.weight_map[key].suffix == ".bin":  # torch.load(mmap=True): a view of the file mapping
-                _release_pages(tensor)
             del tensor
+            weights.release(key)  # the shard's mapped pages go with it: memory stays at about one tensor
         writer.close()
         os.replace(partial, out_path)
     except BaseException:

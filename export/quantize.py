@@ -183,23 +183,26 @@ def save_imatrix(path: str | Path, sums: Mapping[str, np.ndarray], counts: Mappi
             partial.unlink()
 
 
-def check_imatrix_fits(imatrix: Mapping[str, np.ndarray], gguf_path: Path) -> int:
-    """Check an importance matrix against a GGUF's weights: every entry must name one of its matrices and hold
-    one value per input column. Returns how many of its matrices the imatrix covers. Raises FaceLlavaError."""
+def gguf_matrix_columns(gguf_path: str | Path) -> dict[str, int]:
+    """{name: input columns} of the matrices of a GGUF (what an importance matrix has one value per)."""
     import gguf
 
     reader = gguf.GGUFReader(gguf_path)
-    columns = {t.name: int(t.shape[0]) for t in reader.tensors if len(t.shape) >= 2}
+    return {t.name: int(t.shape[0]) for t in reader.tensors if len(t.shape) >= 2}  # GGUF lists columns first
+
+
+def check_imatrix_fits(imatrix: Mapping[str, np.ndarray], columns: Mapping[str, int]) -> int:
+    """Check an importance matrix against a model's matrices ({GGUF name: input columns}): each entry that names
+    one of them must hold one value per input column. Returns how many matrices it covers. Raises
+    FaceLlavaError when an entry does not fit or when it names none of them (computed for another model)."""
     for name, values in imatrix.items():
-        if name not in columns:
-            continue  # llama-imatrix may record matrices this model lacks (or that quantization leaves alone)
-        if len(values) % columns[name]:
+        if name in columns and len(values) % columns[name]:
             raise FaceLlavaError(f"the importance matrix does not fit this model: {name} has {len(values)} values "
-                                 f"for {columns[name]} input columns")
+                                 f"for {columns[name]} input columns (was it computed for another model?)")
     covered = sum(1 for name in columns if name in imatrix)
     if covered == 0:
-        raise FaceLlavaError(f"the importance matrix names none of the weights of {gguf_path.name} "
-                             "(was it computed for another model?)")
+        raise FaceLlavaError("the importance matrix names none of this model's weights (was it computed for "
+                             "another model?)")
     return covered
 
 
@@ -231,7 +234,7 @@ def quantize_gguf(source: str | Path, out_path: str | Path, type_name: str,
     params.nthread = threads
     keep_alive: list[object] = []
     if imatrix:
-        check_imatrix_fits(imatrix, source)
+        check_imatrix_fits(imatrix, gguf_matrix_columns(source))
         entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()  # zeroed: the last one ends it
         for entry, (name, values) in zip(entries[:-1], imatrix.items(), strict=True):
             array = np.ascontiguousarray(values, dtype=np.float32)

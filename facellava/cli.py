@@ -18,6 +18,8 @@ from facellava.errors import FaceLlavaError
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "make-tiny": ("facellava.model.cli", "make_tiny", "write a tiny random checkpoint in the official layout"),
     "inspect": ("facellava.model.cli", "inspect", "load a checkpoint, check it, and print what it holds"),
+    "export llm": ("facellava.export.cli_llm", "export_llm",
+                   "write the LLM as GGUF files (F16/F32, llama.cpp quantizations) checked in llama.cpp"),
 }
 
 
