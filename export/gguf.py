@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from facellava import contract
 from facellava.errors import FaceLlavaError
+from facellava.export.bundle import checkpoint_fingerprint
 from facellava.model.loading import (
     IGNORED_KEYS,
     TOKENIZER_NAME,
@@ -42,11 +43,20 @@ from facellava.model.modeling import FaceLlavaConfig
 ARCH = gguf.MODEL_ARCH.LLAMA
 ARCH_NAME = gguf.MODEL_ARCH_NAMES[ARCH]
 
-# Output type -> (numpy dtype of the 2-D weights, GGUF file type). 1-D tensors (the RMSNorm weights) stay F32,
-# as in llama.cpp's own converter.
-OUTPUT_TYPES: dict[str, tuple[type, gguf.LlamaFileType]] = {
-    "f32": (np.float32, gguf.LlamaFileType.ALL_F32),
-    "f16": (np.float16, gguf.LlamaFileType.MOSTLY_F16),
+
+
+@dataclass(frozen=True)
+class OutputType:
+    """How the 2-D weights are stored. 1-D tensors (the RMSNorm weights) stay F32, as in llama.cpp's converter."""
+
+    torch_dtype: torch.dtype
+    numpy_dtype: type
+    file_type: gguf.LlamaFileType
+
+
+OUTPUT_TYPES: dict[str, OutputType] = {
+    "f32": OutputType(torch.float32, np.float32, gguf.LlamaFileType.ALL_F32),
+    "f16": OutputType(torch.float16, np.float16, gguf.LlamaFileType.MOSTLY_F16),
 }
 
 Shape = Callable[[FaceLlavaConfig], tuple[int, ...]]
@@ -252,10 +262,9 @@ def llava_v1_chat_template() -> str:
 
 
 def _write_metadata(writer: gguf.GGUFWriter, config: FaceLlavaConfig, vocab: Vocabulary, name: str,
-                    file_type: gguf.LlamaFileType, source_sha256: str | None) -> None:
+                    file_type: gguf.LlamaFileType, source_sha256: str) -> None:
     writer.add_name(name)
-    if source_sha256:
-        writer.add_string(SOURCE_HASH_KEY, source_sha256)
+    writer.add_string(SOURCE_HASH_KEY, source_sha256)
     writer.add_file_type(file_type)
     writer.add_vocab_size(config.vocab_size)
     writer.add_context_length(config.max_position_embeddings)
@@ -292,10 +301,9 @@ def rope_permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
-def _gguf_array(tensor: torch.Tensor, plan: TensorPlan, dtype: type) -> np.ndarray:
+def _gguf_array(tensor: torch.Tensor, plan: TensorPlan, out: OutputType) -> np.ndarray:
     """The tensor as the numpy array GGUF stores: cast (1-D tensors stay F32), then permuted if Q or K."""
-    target = torch.float32 if tensor.dim() == 1 else torch.from_numpy(np.zeros(0, dtype)).dtype
-    tensor = tensor.to(target)
+    tensor = tensor.to(torch.float32 if tensor.dim() == 1 else out.torch_dtype)
     if plan.rope_heads:
         tensor = rope_permute(tensor, plan.rope_heads)
     return tensor.contiguous().numpy()
@@ -328,7 +336,7 @@ def convert_to_gguf(checkpoint_dir: str | Path, out_path: str | Path, out_type: 
     """
     if out_type not in OUTPUT_TYPES:
         raise FaceLlavaError(f"unknown GGUF output type {out_type!r}; expected one of {', '.join(OUTPUT_TYPES)}")
-    dtype, file_type = OUTPUT_TYPES[out_type]
+    out = OUTPUT_TYPES[out_type]
     checkpoint_dir = Path(checkpoint_dir)
     out_path = Path(out_path)
     config = read_config(checkpoint_dir)
@@ -341,11 +349,13 @@ def convert_to_gguf(checkpoint_dir: str | Path, out_path: str | Path, out_type: 
     # Shard by shard, in the checkpoint's order, so each shard is opened once.
     order = [key for key in weights.keys() if key in plan]
     writer = gguf.GGUFWriter(None, ARCH_NAME)
+    if source_sha256 is None:
+        source_sha256 = checkpoint_fingerprint(checkpoint_dir)
     _write_metadata(writer, config, vocab, name or f"Face-LLaVA LLM ({checkpoint_dir.resolve().name})",
-                    file_type, source_sha256)
+                    out.file_type, source_sha256)
     for key in order:
         item = plan[key]
-        item_dtype = np.dtype(np.float32 if len(item.shape) == 1 else dtype)
+        item_dtype = np.dtype(np.float32 if len(item.shape) == 1 else out.numpy_dtype)
         writer.add_tensor_info(item.name, item.shape, item_dtype, int(np.prod(item.shape)) * item_dtype.itemsize)
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -362,7 +372,7 @@ def convert_to_gguf(checkpoint_dir: str | Path, out_path: str | Path, out_type: 
             if tuple(tensor.shape) != item.shape:
                 raise FaceLlavaError(f"the checkpoint's LLM is not LLaMA-shaped: {key} has shape "
                                      f"{tuple(tensor.shape)}, config.json implies {item.shape}")
-            writer.write_tensor_data(_gguf_array(tensor, item, dtype))
+            writer.write_tensor_data(_gguf_array(tensor, item, out))
             parameters += tensor.numel()
             del tensor
             weights.release(key)  # the shard's mapped pages go with it: memory stays at about one tensor

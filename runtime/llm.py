@@ -9,6 +9,7 @@ instead of token ids, which is how the vision graph's output is spliced into the
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import sys
 from collections.abc import Sequence
@@ -291,4 +292,5 @@ class LlamaModel:
         self.close()
 
     def __del__(self) -> None:
-        self.close()
+        with contextlib.suppress(Exception):  # at interpreter exit llama_cpp may already be gone
+            self.close()

@@ -371,3 +371,13 @@ def test_parity_miss_fails_unless_drift_is_allowed(tiny_checkpoint: Path, llm_bu
     assert figures["passed"] is False and figures["limits"]["top1_agreement_min"] == 0.999
     assert manifest["parity"]["llm-f32.gguf"]["passed"]  # the other files of the bundle stay recorded
     assert sorted(manifest["files"]) == sorted(f"llm-{t}.gguf" for t in PLAIN_TYPES)
+
+
+def test_runtime_llm_is_torch_free():
+    import subprocess
+    import sys
+
+    code = ("import sys, facellava.runtime.llm; "
+            "print(sorted(m for m in ('torch', 'transformers', 'gguf') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
