@@ -329,25 +329,22 @@ def convert_to_gguf(checkpoint_dir: str | Path, out_path: str | Path, out_type: 
 
     Takes the checkpoint directory (official layout: `config.json`, `.bin` or safetensors shards,
     `tokenizer.model`), the output path, the output type ("f32" or "f16"), the checkpoint's fingerprint for
-    `general.source.checkpoint_sha256` (see `export.bundle.checkpoint_fingerprint`), a `general.name`, and
-    whether to show a progress bar. The file is written under a temporary name beside `out_path` and renamed
-    when whole. Returns a GgufSummary. Raises FaceLlavaError for an unknown type, a checkpoint that is not
-    Face-LLaVA or whose LLM is not LLaMA-shaped, a missing or unusable `tokenizer.model`, or an unreadable shard.
+    `general.source.checkpoint_sha256` (`export.bundle.checkpoint_fingerprint`; computed when not given, which
+    reads every file once), a `general.name`, and whether to show a progress bar. The file is written under a
+    temporary name beside `out_path` and renamed when whole. Returns a GgufSummary. Raises FaceLlavaError for
+    an unknown type, a checkpoint that is not Face-LLaVA or whose LLM is not LLaMA-shaped, a missing or unusable
+    `tokenizer.model`, or an unreadable shard.
     """
     if out_type not in OUTPUT_TYPES:
         raise FaceLlavaError(f"unknown GGUF output type {out_type!r}; expected one of {', '.join(OUTPUT_TYPES)}")
     out = OUTPUT_TYPES[out_type]
     checkpoint_dir = Path(checkpoint_dir)
     out_path = Path(out_path)
-    config = read_config(checkpoint_dir)
-    check_llama_config(config)
+    config, plan, stripped = inspect_checkpoint(checkpoint_dir)
     vocab = read_vocabulary(checkpoint_dir / TOKENIZER_NAME, config.vocab_size)
     weights = CheckpointWeights.open(checkpoint_dir)
-    plan = tensor_plan(config)
-    stripped = match_checkpoint(weights, plan)
+    order = [key for key in weights.keys() if key in plan]  # the checkpoint's order: shard by shard
 
-    # Shard by shard, in the checkpoint's order, so each shard is opened once.
-    order = [key for key in weights.keys() if key in plan]
     writer = gguf.GGUFWriter(None, ARCH_NAME)
     if source_sha256 is None:
         source_sha256 = checkpoint_fingerprint(checkpoint_dir)
