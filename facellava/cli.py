@@ -27,6 +27,8 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("facellava.model.cli", "train", "train a checkpoint (stage 1 or 2, optional LoRA) on a data file"),
     "make-synthetic-data": ("facellava.model.cli", "make_synthetic_data",
                             "write a small synthetic face instruction data set (the shipped photograph, augmented)"),
+    "export llm": ("facellava.export.cli_llm", "export_llm",
+                   "write the LLM as GGUF files (F16/F32, llama.cpp quantizations) checked in llama.cpp"),
 }
 
 

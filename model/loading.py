@@ -208,6 +208,12 @@ class CheckpointWeights:
         except Exception as error:
             raise FaceLlavaError(f"cannot read tensor {key} from {path}: {str(error).splitlines()[0]}") from None
 
+    def release(self, key: str) -> None:
+        """Close the shard that holds `key` (it reopens on the next read). A memory-mapped shard keeps every page
+        read from it resident until closed; releasing after each tensor bounds memory by one tensor, however
+        large the shard."""
+        self._shards.pop(self.weight_map[key], None)
+
     def iter_by_shard(self, keys: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (key, tensor) shard by shard, releasing each shard before the next one is opened."""
         wanted = self.keys() if keys is None else keys

@@ -1,0 +1,247 @@
+"""Parity of an exported GGUF with the PyTorch LLM it came from, measured in llama.cpp itself.
+
+The reference is `FaceLlava` in PyTorch (float32) on a fixed set of prompts: several questions, each with the
+visual tokens of a fixed image input or of a fixed 8-frame video input (`encode_image` / `encode_video` on
+seeded pixels and landmarks). llama.cpp gets the same prompt the way the runtime feeds it: the text as token
+ids, each visual block as a batch of embeddings at consecutive positions.
+
+Per GGUF, the figures are:
+
+- `first_token_rel_error`: ||logits_gguf - logits_torch|| / ||logits_torch|| for the first generated token,
+  the worst over the prompts; and `first_token_max_abs`;
+- `greedy_identical`: how many prompts give the same 32 greedy tokens in llama.cpp as in PyTorch (llama.cpp
+  decoding its own choices, not teacher-forced);
+- `top1_agreement` and `mean_kl` (KL(torch || gguf), nats) over every step of the reference's greedy
+  continuation, teacher-forced, over all prompts;
+- `tokenization_mismatches`: strings of a fixed tricky suite that llama.cpp tokenizes (chunked, as the
+  runtime does) differently from `contract.tokenize_prompt` with SentencePiece.
+
+llama.cpp runs with exact attention and an F32 KV cache (`LLAMA_SETTINGS`), so the figures are the file's.
+F32 and F16 must reproduce PyTorch (first-token error <= 1e-2, every greedy decode identical); a quantized
+type must keep its top-1 agreement and KL within the limits of `QUANT_LIMITS`. Tokenization must be identical
+for every file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from facellava import contract
+from facellava.model.modeling import FaceLlava
+from facellava.runtime.llm import LlamaModel
+
+DECODE_TOKENS = 32
+# llama.cpp settings of the measurement: exact attention and cache, so that the figures describe the file
+# (llama.cpp's CPU flash-attention kernel and an F16 KV cache add their own error; see LlamaModel.open).
+LLAMA_SETTINGS = {"kv_type": "f32", "flash_attn": False}
+MAX_FIRST_TOKEN_REL_ERROR = 1e-2
+REFERENCE_TYPES = ("f32", "f16")  # held to PyTorch itself
+
+# Quantized type -> (least top-1 agreement, largest mean KL in nats) against PyTorch float32. The limits catch a
+# broken or badly degraded quantization, tiered by bits per weight. They were set with margin below what the
+# tiny checkpoint measures, which is harsher than LLaMA-7B: with random weights at hidden size 256, rounding the
+# weights to 8 bits alone (simulated in PyTorch) already flips 5% of greedy choices. IQ2/IQ1 types only have to
+# work at all. The manifest keeps the measured figures next to the limits.
+QUANT_LIMITS: dict[str, tuple[float, float]] = {
+    "q8_0": (0.90, 0.01),
+    "q6_k": (0.85, 0.05),
+    "q5_k_m": (0.85, 0.08),
+    "q5_k_s": (0.85, 0.08),
+    "q5_0": (0.80, 0.10),
+    "q4_k_m": (0.75, 0.30),
+    "q4_k_s": (0.75, 0.30),
+    "iq4_xs": (0.70, 0.30),
+    "iq4_nl": (0.70, 0.30),
+    "q4_0": (0.55, 0.40),
+    "q3_k_l": (0.60, 0.50),
+    "q3_k_m": (0.60, 0.50),
+    "q3_k_s": (0.45, 1.20),
+    "iq3_m": (0.45, 1.20),
+    "iq3_s": (0.45, 1.20),
+    "iq3_xxs": (0.45, 1.20),
+    "q2_k": (0.25, 2.00),
+    "q2_k_s": (0.25, 2.00),
+}
+LOW_BIT_LIMITS = (0.05, 4.0)  # IQ2 types: proof of life only
+
+PARITY_PROMPTS: tuple[tuple[str, contract.Modality], ...] = (
+    ("What emotion does the person show?", "image"),
+    ("Identify the active facial action units in the provided image.", "image"),
+    ("Guess the age of the individual shown in the picture; justify your answer.", "image"),
+    ("What emotion is shown in the video?", "video"),
+    ("Is the video authentic, or is it a fake?", "video"),
+)
+
+# Strings where a tokenizer port usually slips: the dummy-prefix space per chunk, runs of spaces, newlines and
+# tabs, digits (split one by one), byte fallback for characters outside the vocabulary, `<image>` at the start,
+# middle and end and eight of them for a video, and text that looks like special tokens but is text.
+TOKENIZER_SUITE: tuple[str, ...] = (
+    "Hello world",
+    " leading space",
+    "   three leading spaces and trailing  ",
+    "double  spaces,  twice",
+    "line one\nline two\n\nline four\n",
+    "tabs\tand\r\nCRLF",
+    "digits 0123456789, 3.14159 and 2024-05-01",
+    "Café, naïve, Zürich, São Paulo, ½",
+    "日本語の顔 лицо 😀🙂 emoji",
+    "<image>\nWhat emotion is shown?",
+    "Describe <image> this face.",
+    "The face is here: <image>",
+    "<image><image> adjacent",
+    "Text that looks special: </s> <s> <unk> [INST] <<SYS>>",
+    "AU6+AU12 → happy; AU1/AU2 ↑",
+    "",
+    contract.build_prompt("What emotion is shown in the video?", "video"),
+    contract.build_prompt("Estimate the age of the person.", "image"),
+)
+
+
+@dataclass
+class ReferencePrompt:
+    """One parity prompt and what PyTorch made of it."""
+
+    question: str
+    modality: contract.Modality
+    input_ids: list[int]  # with IMAGE_TOKEN_INDEX markers
+    visual_blocks: list[np.ndarray]  # each [N, D] float32
+    tokens: list[int]  # greedy, DECODE_TOKENS long
+    logits: np.ndarray  # [DECODE_TOKENS, vocab] float32; row i chose tokens[i]
+
+
+@dataclass
+class Reference:
+    prompts: list[ReferencePrompt]
+    sentencepiece: Any  # the checkpoint's SentencePieceProcessor
+    bos_id: int
+
+
+def fixed_visual_blocks(model: FaceLlava, modality: contract.Modality, seed: int = 0) -> list[np.ndarray]:
+    """The visual tokens of a fixed, seeded input: pixels uniform in [0, 1] CLIP-normalized, landmarks inside the
+    crop. One [256, D] block for an image, eight [257, D] blocks for a video."""
+    generator = torch.Generator().manual_seed(seed)
+    mean = torch.tensor(contract.CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(contract.CLIP_STD).view(3, 1, 1)
+    size = contract.IMAGE_SIZE
+    with torch.no_grad():
+        if modality == "image":
+            pixels = (torch.rand(1, 3, size, size, generator=generator) - mean) / std
+            landmarks = 0.25 + 0.5 * torch.rand(1, contract.NUM_LANDMARKS, 2, generator=generator)
+            blocks = [model.encode_image(pixels, landmarks if model.config.has_landmark_modules else None)[0]]
+        else:
+            frames = (torch.rand(1, contract.NUM_FRAMES, 3, size, size, generator=generator) - mean) / std
+            pixels = frames.permute(0, 2, 1, 3, 4)  # [B, C, T, H, W]
+            landmarks = 0.25 + 0.5 * torch.rand(1, contract.NUM_FRAMES, contract.NUM_LANDMARKS, 2,
+                                                generator=generator)
+            encoded = model.encode_video(pixels, landmarks if model.config.has_landmark_modules else None)[0]
+            blocks = list(encoded)
+    return [np.ascontiguousarray(b.float().numpy()) for b in blocks]
+
+
+def build_reference(model: FaceLlava, prompts: Sequence[tuple[str, contract.Modality]] = PARITY_PROMPTS,
+                    progress: bool = True) -> Reference:
+    """Run PyTorch greedy decoding on the parity prompts (computed once, shared by every GGUF of an export)."""
+    blocks = {modality: fixed_visual_blocks(model, modality) for modality in {m for _, m in prompts}}
+    results = []
+    for question, modality in tqdm(prompts, desc="PyTorch reference", unit="prompt", disable=not progress):
+        ids = model.prompt_ids(question, modality)
+        output = model.generate_reference(ids, [torch.from_numpy(b) for b in blocks[modality]],
+                                          max_new_tokens=DECODE_TOKENS, stop_at_eos=False)
+        results.append(ReferencePrompt(question, modality, ids, blocks[modality], output.tokens,
+                                       output.logits.float().numpy()))
+    return Reference(results, model.tokenizer, model.config.bos_token_id)
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def kl_divergence(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """KL(softmax(reference) || softmax(other)) per row, in nats."""
+    log_p, log_q = _log_softmax(reference), _log_softmax(other)
+    return (np.exp(log_p) * (log_p - log_q)).sum(axis=-1)
+
+
+def tokenization_mismatches(llm: LlamaModel, reference: Reference,
+                            suite: Sequence[str] = TOKENIZER_SUITE) -> list[str]:
+    """The suite strings that llama.cpp's chunked tokenization (`LlamaModel.tokenize_prompt`) gets different
+    from `contract.tokenize_prompt` with SentencePiece."""
+    return [text for text in suite
+            if llm.tokenize_prompt(text) != contract.tokenize_prompt(text, reference.sentencepiece.encode,
+                                                                      reference.bos_id)]
+
+
+def measure_gguf(path: str | Path, reference: Reference, n_ctx: int = 4096, n_threads: int | None = None
+                 ) -> dict[str, Any]:
+    """Load one GGUF in llama.cpp and measure it against the PyTorch reference. Returns the figures."""
+    need = max(len(p.input_ids) - 1 + sum(len(b) for b in p.visual_blocks) for p in reference.prompts)
+    n_ctx = max(n_ctx, need + DECODE_TOKENS)
+    rel_errors, max_abs, kls, agree, identical = [], [], [], [], 0
+    with LlamaModel.open(path, n_ctx=n_ctx, n_threads=n_threads, **LLAMA_SETTINGS) as llm:
+        mismatches = tokenization_mismatches(llm, reference)
+        for prompt in reference.prompts:
+            # teacher-forced: the prompt, then the reference's own continuation
+            llm.reset()
+            first = llm.eval_prompt(prompt.input_ids, prompt.visual_blocks)
+            prompt_end = llm.n_past
+            rest = llm.eval_tokens(prompt.tokens[:-1], all_logits=True)
+            logits = np.vstack([first[None], rest])
+            difference = logits[0] - prompt.logits[0]
+            rel_errors.append(float(np.linalg.norm(difference) / np.linalg.norm(prompt.logits[0])))
+            max_abs.append(float(np.abs(difference).max()))
+            kls.extend(kl_divergence(prompt.logits, logits).tolist())
+            agree.extend((logits.argmax(axis=-1) == np.asarray(prompt.tokens)).tolist())
+            # free-running greedy decode in llama.cpp, from the same prompt
+            llm.rewind(prompt_end)
+            tokens = [int(first.argmax())]
+            while len(tokens) < DECODE_TOKENS:
+                tokens.append(int(llm.eval_tokens(tokens[-1:]).argmax()))
+            identical += tokens == prompt.tokens
+    return {
+        "prompts": len(reference.prompts),
+        "decode_tokens": DECODE_TOKENS,
+        "first_token_rel_error": max(rel_errors),
+        "first_token_max_abs": max(max_abs),
+        "greedy_identical": identical,
+        "top1_agreement": float(np.mean(agree)),
+        "mean_kl": float(np.mean(kls)),
+        "tokenization_strings": len(TOKENIZER_SUITE),
+        "tokenization_mismatches": len(mismatches),
+        "tokenization_mismatched": mismatches[:3],
+        "llama_settings": dict(LLAMA_SETTINGS),
+    }
+
+
+def judge(gguf_type: str, figures: dict[str, Any]) -> list[str]:
+    """The limits a GGUF of `gguf_type` misses, each as a short phrase with the numbers (empty: it passes).
+    Also sets figures["limits"] and figures["passed"]."""
+    misses = []
+    if figures["tokenization_mismatches"]:
+        misses.append(f"tokenization differs from SentencePiece on {figures['tokenization_mismatches']} of "
+                      f"{figures['tokenization_strings']} strings (e.g. {figures['tokenization_mismatched'][0]!r})")
+    if gguf_type in REFERENCE_TYPES:
+        limits = {"first_token_rel_error_max": MAX_FIRST_TOKEN_REL_ERROR, "greedy_identical_min": figures["prompts"]}
+        if figures["first_token_rel_error"] > MAX_FIRST_TOKEN_REL_ERROR:
+            misses.append(f"first-token relative logit error {figures['first_token_rel_error']:.3g} > "
+                          f"{MAX_FIRST_TOKEN_REL_ERROR:g}")
+        if figures["greedy_identical"] < figures["prompts"]:
+            misses.append(f"greedy decode differs from PyTorch on {figures['prompts'] - figures['greedy_identical']}"
+                          f" of {figures['prompts']} prompts")
+    else:
+        min_top1, max_kl = QUANT_LIMITS.get(gguf_type, LOW_BIT_LIMITS)
+        limits = {"top1_agreement_min": min_top1, "mean_kl_max": max_kl}
+        if figures["top1_agreement"] < min_top1:
+            misses.append(f"top-1 agreement {figures['top1_agreement']:.3f} < {min_top1}")
+        if figures["mean_kl"] > max_kl:
+            misses.append(f"mean KL {figures['mean_kl']:.4g} > {max_kl}")
+    figures["limits"] = limits
+    figures["passed"] = not misses
+    return misses

@@ -1,0 +1,296 @@
+"""The LLM half of the runtime: a GGUF in llama.cpp, fed token ids or visual-token embeddings.
+
+A small layer over llama-cpp-python's low-level API (numpy and llama_cpp only; never torch): open a GGUF, tokenize
+text chunks with the GGUF's own SentencePiece vocabulary, and decode batches of token ids or of embeddings at
+consecutive positions, getting the logits back. Visual tokens enter as llama.cpp batches that carry `embd`
+instead of token ids, which is how the vision graph's output is spliced into the prompt.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import ctypes
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+
+from facellava import contract
+from facellava.errors import FaceLlavaError
+
+# --- llama.cpp's log ----------------------------------------------------------------------------------------
+
+_GGML_LOG_LEVEL_WARN = 3
+_recent_log: collections.deque[str] = collections.deque(maxlen=64)
+_verbose = False
+
+
+@llama_cpp.llama_log_callback
+def _log_callback(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+    message = text.decode("utf-8", errors="replace")
+    _recent_log.append(message)
+    if _verbose or (level >= _GGML_LOG_LEVEL_WARN and level != 5):  # 5: continuation of the previous line
+        sys.stderr.write(message)
+
+
+_backend_ready = False
+
+
+def init_llama_backend(verbose: bool = False) -> None:
+    """Initialise llama.cpp once per process and route its log: warnings and errors to stderr, everything when
+    `verbose`. The last lines stay available to error messages through `recent_log`."""
+    global _backend_ready, _verbose
+    _verbose = verbose
+    if not _backend_ready:
+        llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+        llama_cpp.llama_backend_init()
+        _backend_ready = True
+
+
+def recent_log(lines: int = 3) -> str:
+    """The last `lines` non-empty lines llama.cpp logged, joined by ' / ' (for one-line error messages)."""
+    text = [line.strip() for line in "".join(_recent_log).splitlines() if line.strip()]
+    return " / ".join(text[-lines:]) or "no message from llama.cpp"
+
+
+KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "f32": llama_cpp.GGML_TYPE_F32}
+
+# --- the model ----------------------------------------------------------------------------------------------
+
+
+class LlamaModel:
+    """One GGUF loaded in llama.cpp with one context (one sequence), decoding from position `n_past` on.
+
+    Use `open`, then `tokenize`, `eval_tokens`, `eval_embeddings` (each appends to the sequence and returns
+    logits), `logits()` for the last ones, `reset()` to start a new sequence, and `close()` (or `with`).
+    """
+
+    def __init__(self, path: Path, model: llama_cpp.llama_model_p, context: llama_cpp.llama_context_p,
+                 n_batch: int):
+        self.path = path
+        self._model = model
+        self._context = context
+        self._vocab = llama_cpp.llama_model_get_vocab(model)
+        self.n_ctx = llama_cpp.llama_n_ctx(context)
+        self.n_batch = n_batch
+        self.n_embd = llama_cpp.llama_model_n_embd(model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self.bos_id = llama_cpp.llama_vocab_bos(self._vocab)
+        self.eos_id = llama_cpp.llama_vocab_eos(self._vocab)
+        self.n_past = 0
+        self._last_logits: np.ndarray | None = None
+        self._token_batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self._embd_batch = llama_cpp.llama_batch_init(n_batch, self.n_embd, 1)
+
+    @classmethod
+    def open(cls, path: str | Path, n_ctx: int = 4096, n_gpu_layers: int = 0, n_batch: int = 512,
+             n_threads: int | None = None, kv_type: str = "f16", flash_attn: bool | None = None,
+             verbose: bool = False) -> LlamaModel:
+        """Load a GGUF and create a context of `n_ctx` positions; `n_gpu_layers` layers go to the GPU (-1: all)
+        when llama.cpp was built with one; `kv_type` is the KV cache's precision ("f16", llama.cpp's default,
+        or "f32"); `flash_attn` True/False forces llama.cpp's flash attention on or off, None lets it choose
+        (its CPU kernel works in half precision: about 1e-3..1e-2 relative logit error on long prompts).
+        Raises FaceLlavaError when the file is missing or llama.cpp cannot load it."""
+        if kv_type not in KV_TYPES:
+            raise FaceLlavaError(f"unknown KV cache type {kv_type!r}; expected one of {', '.join(KV_TYPES)}")
+        path = Path(path)
+        if not path.is_file():
+            raise FaceLlavaError(f"GGUF file {path} does not exist")
+        init_llama_backend(verbose)
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.n_gpu_layers = n_gpu_layers
+        model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
+        if not model:
+            raise FaceLlavaError(f"llama.cpp cannot load {path}: {recent_log()}")
+        n_batch = max(1, min(n_batch, n_ctx))
+        context_params = llama_cpp.llama_context_default_params()
+        context_params.n_ctx = n_ctx
+        context_params.n_batch = n_batch
+        context_params.n_ubatch = n_batch
+        context_params.n_seq_max = 1
+        context_params.type_k = context_params.type_v = KV_TYPES[kv_type]
+        context_params.flash_attn_type = {None: llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
+                                          True: llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                                          False: llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED}[flash_attn]
+        if n_threads:
+            context_params.n_threads = context_params.n_threads_batch = n_threads
+        context = llama_cpp.llama_init_from_model(model, context_params)
+        if not context:
+            llama_cpp.llama_model_free(model)
+            raise FaceLlavaError(f"llama.cpp cannot create a {n_ctx}-token context for {path}: {recent_log()}")
+        return cls(path, model, context, n_batch)
+
+    # -- text ------------------------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, add_bos: bool = False) -> list[int]:
+        """Token ids of one text chunk with the GGUF's vocabulary, BOS first when `add_bos`. Text that looks
+        like a special token ("</s>") stays text, as in SentencePiece."""
+        data = text.encode("utf-8")
+        capacity = len(data) + 2
+        while True:
+            tokens = (llama_cpp.llama_token * capacity)()
+            count = llama_cpp.llama_tokenize(self._vocab, data, len(data), tokens, capacity, add_bos, False)
+            if count >= 0:
+                return list(tokens[:count])
+            capacity = -count
+
+    def tokenize_prompt(self, prompt: str) -> list[int]:
+        """A prompt's ids under the official chunked rule (see `contract.tokenize_prompt`): split at `<image>`,
+        each chunk tokenized on its own, llama.cpp's BOS on the first chunk only, each `<image>` marked by
+        `IMAGE_TOKEN_INDEX`. The export's parity check proves it equal to the contract's rule with SentencePiece.
+        """
+        first, *rest = prompt.split(contract.IMAGE_PLACEHOLDER)
+        ids = self.tokenize(first, add_bos=True)
+        for chunk in rest:
+            ids.append(contract.IMAGE_TOKEN_INDEX)
+            if chunk:
+                ids.extend(self.tokenize(chunk))
+        return ids
+
+    def token_piece(self, token: int) -> bytes:
+        """The bytes one token stands for (special tokens rendered as their text)."""
+        buffer = ctypes.create_string_buffer(64)
+        size = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, True)
+        if size < 0:
+            buffer = ctypes.create_string_buffer(-size)
+            size = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, True)
+        return buffer.raw[:size]
+
+    def detokenize(self, tokens: list[int]) -> str:
+        """The text of token ids (special tokens left out), as SentencePiece decodes them."""
+        data = bytearray()
+        for token in tokens:
+            if token not in (self.bos_id, self.eos_id):
+                data += self.token_piece(token)
+        return data.decode("utf-8", errors="replace").removeprefix(" ")
+
+    # -- decoding --------------------------------------------------------------------------------------------
+
+    def _check_room(self, count: int) -> None:
+        if self.n_past + count > self.n_ctx:
+            raise FaceLlavaError(f"the sequence would need {self.n_past + count} positions but the context has "
+                                 f"{self.n_ctx}; open the model with a larger n_ctx")
+
+    def _decode(self, batch: llama_cpp.llama_batch, count: int, all_logits: bool) -> list[np.ndarray]:
+        batch.n_tokens = count
+        for i in range(count):
+            batch.pos[i] = self.n_past + i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = all_logits or i == count - 1
+        status = llama_cpp.llama_decode(self._context, batch)
+        if status != 0:
+            raise FaceLlavaError(f"llama.cpp failed to decode {count} positions (status {status}): {recent_log()}")
+        self.n_past += count
+        rows = range(count) if all_logits else [count - 1]
+        return [np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._context, i), shape=(self.n_vocab,))
+                .copy() for i in rows]
+
+    def eval_tokens(self, tokens: list[int], all_logits: bool = False) -> np.ndarray:
+        """Append token ids to the sequence; return the logits after the last one [n_vocab] (or after every one,
+        [len(tokens), n_vocab], with `all_logits`)."""
+        self._check_room(len(tokens))
+        if any(not 0 <= t < self.n_vocab for t in tokens):
+            raise FaceLlavaError(f"token ids must lie in [0, {self.n_vocab})")
+        rows: list[np.ndarray] = []
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start:start + self.n_batch]
+            for i, token in enumerate(chunk):
+                self._token_batch.token[i] = token
+            rows += self._decode(self._token_batch, len(chunk), all_logits)
+        return self._result(rows, all_logits)
+
+    def eval_embeddings(self, embeddings: np.ndarray, all_logits: bool = False) -> np.ndarray:
+        """Append input embeddings [n, n_embd] (visual tokens, or any rows of the LLM's input space) at
+        consecutive positions; return the logits after the last row (or after every row with `all_logits`)."""
+        embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.n_embd:
+            raise FaceLlavaError(f"embeddings must have shape [n, {self.n_embd}], got {list(embeddings.shape)}")
+        self._check_room(len(embeddings))
+        rows: list[np.ndarray] = []
+        for start in range(0, len(embeddings), self.n_batch):
+            chunk = embeddings[start:start + self.n_batch]
+            ctypes.memmove(self._embd_batch.embd, chunk.ctypes.data, chunk.nbytes)
+            rows += self._decode(self._embd_batch, len(chunk), all_logits)
+        return self._result(rows, all_logits)
+
+    def eval_prompt(self, input_ids: Sequence[int], visual_blocks: Sequence[np.ndarray] = ()) -> np.ndarray:
+        """Append a spliced prompt: runs of text ids as tokens, each `IMAGE_TOKEN_INDEX` replaced by the next
+        visual block [N, n_embd] as embeddings (as `contract.tokenize_prompt` marks them). Returns the logits
+        after the last position. Raises FaceLlavaError when blocks and markers do not pair up."""
+        markers = sum(1 for token in input_ids if token == contract.IMAGE_TOKEN_INDEX)
+        if markers != len(visual_blocks):
+            raise FaceLlavaError(f"the prompt has {markers} visual positions but {len(visual_blocks)} visual "
+                                 "blocks were given")
+        blocks = iter(visual_blocks)
+        text: list[int] = []
+        logits = None
+        for token in [*input_ids, None]:
+            if token is not None and token != contract.IMAGE_TOKEN_INDEX:
+                text.append(token)
+                continue
+            if text:
+                logits = self.eval_tokens(text)
+                text = []
+            if token == contract.IMAGE_TOKEN_INDEX:
+                logits = self.eval_embeddings(next(blocks))
+        if logits is None:
+            raise FaceLlavaError("nothing to decode: the prompt is empty")
+        return logits
+
+    def _result(self, rows: list[np.ndarray], all_logits: bool) -> np.ndarray:
+        if not rows:
+            raise FaceLlavaError("nothing to decode: give at least one token or embedding")
+        self._last_logits = rows[-1]
+        return np.stack(rows) if all_logits else rows[-1]
+
+    def logits(self) -> np.ndarray:
+        """The logits after the last decoded position [n_vocab]. Raises FaceLlavaError before any decoding."""
+        if self._last_logits is None:
+            raise FaceLlavaError("nothing decoded yet")
+        return self._last_logits
+
+    def reset(self) -> None:
+        """Forget the sequence (clear the KV cache) so the next decode starts at position 0."""
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._context), True)
+        self.n_past = 0
+        self._last_logits = None
+
+    def rewind(self, n_past: int) -> None:
+        """Forget every position from `n_past` on, keeping the KV cache before it (to branch from a prompt)."""
+        if not 0 <= n_past <= self.n_past:
+            raise FaceLlavaError(f"cannot rewind to position {n_past}: the sequence has {self.n_past}")
+        if not llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._context), 0, n_past, -1):
+            raise FaceLlavaError(f"llama.cpp cannot drop positions {n_past}.. from its cache")
+        self.n_past = n_past
+        self._last_logits = None
+
+    def metadata(self, key: str) -> str | None:
+        """A GGUF metadata value as text, or None when the file lacks the key."""
+        buffer = ctypes.create_string_buffer(4096)
+        size = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buffer, len(buffer))
+        return None if size < 0 else buffer.value.decode("utf-8", errors="replace")
+
+    # -- lifetime --------------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Free the context, the batches and the model (idempotent)."""
+        if getattr(self, "_context", None):
+            llama_cpp.llama_batch_free(self._token_batch)
+            llama_cpp.llama_batch_free(self._embd_batch)
+            llama_cpp.llama_free(self._context)
+            llama_cpp.llama_model_free(self._model)
+            self._context = self._model = None
+
+    def __enter__(self) -> LlamaModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # at interpreter exit llama_cpp may already be gone
+            self.close()
