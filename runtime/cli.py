@@ -26,6 +26,9 @@ def run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vision", default="auto", help="auto, onnxruntime, tensorrt or torch")
     parser.add_argument("--vision-precision", default="fp32", help="fp32 or fp16 (as exported)")
     parser.add_argument("--n-gpu-layers", type=int, default=0, help="LLM layers offloaded to the GPU (-1: all)")
+    parser.add_argument("--kv-cache", choices=["f16", "f32"], default="f16", help="llama.cpp's KV cache type")
+    parser.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto",
+                        help="llama.cpp's flash attention (off + --kv-cache f32: as exact as the export's parity)")
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -55,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
         raise FaceLlavaError("the question is empty")
     image = camera_frame(args.camera) if args.camera is not None else args.image
     pipeline = Pipeline.open(args.bundle, vision=args.vision, llm=args.llm, n_gpu_layers=args.n_gpu_layers,
-                             vision_precision=args.vision_precision)
+                             vision_precision=args.vision_precision, kv_type=args.kv_cache,
+                             flash_attn={"auto": None, "on": True, "off": False}[args.flash_attn])
     try:
         stream = pipeline.ask(args.question, image=image, video=args.video, landmarks=args.landmarks,
                               no_landmarks=args.no_landmarks, no_face_crop=args.no_face_crop,

@@ -19,12 +19,14 @@ Typical use::
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -44,6 +46,25 @@ from facellava.errors import FaceLlavaError
 # FFmpeg's own complaints about a broken video would reach the user's terminal before our one-line error.
 # OpenCV reads this once, when it opens its first video, so it is set on import; a user's own setting wins.
 os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+os.environ.setdefault("GLOG_minloglevel", "2")  # MediaPipe's TFLite info lines
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr() -> Iterator[None]:
+    """Silence what MediaPipe's C++ graphs write straight to file descriptor 2 (absl warnings about feedback
+    tensors and ROIs, printed on every graph start); Python-level errors still raise as usual."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 # An image smaller than this on either side cannot hold a face the detector can find.
 MIN_IMAGE_SIDE = 32
@@ -373,6 +394,11 @@ def mesh_to_ibug68(mesh_points: np.ndarray) -> np.ndarray:
 # --- the front end ------------------------------------------------------------------------------------------
 
 
+def _process(graph: Any, image: np.ndarray) -> Any:
+    with _quiet_native_stderr():
+        return graph.process(image)
+
+
 class FaceFrontEnd:
     """MediaPipe face detection, the official crop, and face-mesh landmarks, for images and video frames.
 
@@ -396,10 +422,11 @@ class FaceFrontEnd:
         # detection), so scores are filtered here. model_selection 0 is the short-range model: the same network
         # as the official tools/detector.tflite (229,746 bytes there; the wheel's copy lacks 32 bytes of metadata)
         self.min_face_score = min_face_score
-        self._detectors = [detection.FaceDetection(model_selection=model) for model in (0, 1)]
-        self._mesh = mp.solutions.face_mesh.FaceMesh(
-            static_image_mode=True, max_num_faces=1, refine_landmarks=refine_landmarks, min_detection_confidence=0.5
-        )
+        with _quiet_native_stderr():
+            self._detectors = [detection.FaceDetection(model_selection=model) for model in (0, 1)]
+            self._mesh = mp.solutions.face_mesh.FaceMesh(
+                static_image_mode=True, max_num_faces=1, refine_landmarks=refine_landmarks,
+                min_detection_confidence=0.5)
 
     def close(self) -> None:
         """Release the MediaPipe graphs."""
@@ -431,7 +458,7 @@ class FaceFrontEnd:
             small = rgb
         for detector in self._detectors:
             detections = [
-                detection for detection in detector.process(small).detections or []
+                detection for detection in _process(detector, small).detections or []
                 if detection.score[0] >= self.min_face_score
             ]
             if detections:
@@ -456,7 +483,7 @@ class FaceFrontEnd:
         face fills the crop edge to edge)."""
         for border in (0, FACE_CROP_SIZE // 4):
             image = crop if border == 0 else cv2.copyMakeBorder(crop, *[border] * 4, cv2.BORDER_CONSTANT, value=0)
-            result = self._mesh.process(image)
+            result = _process(self._mesh, image)
             if result.multi_face_landmarks:
                 mesh = result.multi_face_landmarks[0].landmark
                 # the mesh's coordinates are relative to the image it saw; bring them back to the crop's

@@ -123,6 +123,15 @@ class LlamaModel:
             raise FaceLlavaError(f"llama.cpp cannot create a {n_ctx}-token context for {path}: {recent_log()}")
         return cls(path, model, context, n_batch)
 
+    @property
+    def context(self) -> llama_cpp.llama_context_p:
+        """The llama.cpp context, for samplers (`llama_sampler_sample`)."""
+        return self._context
+
+    @property
+    def vocab(self) -> llama_cpp.llama_vocab_p:
+        return self._vocab
+
     # -- text ------------------------------------------------------------------------------------------------
 
     def tokenize(self, text: str, add_bos: bool = False) -> list[int]:
@@ -138,17 +147,9 @@ class LlamaModel:
             capacity = -count
 
     def tokenize_prompt(self, prompt: str) -> list[int]:
-        """A prompt's ids under the official chunked rule (see `contract.tokenize_prompt`): split at `<image>`,
-        each chunk tokenized on its own, llama.cpp's BOS on the first chunk only, each `<image>` marked by
-        `IMAGE_TOKEN_INDEX`. The export's parity check proves it equal to the contract's rule with SentencePiece.
-        """
-        first, *rest = prompt.split(contract.IMAGE_PLACEHOLDER)
-        ids = self.tokenize(first, add_bos=True)
-        for chunk in rest:
-            ids.append(contract.IMAGE_TOKEN_INDEX)
-            if chunk:
-                ids.extend(self.tokenize(chunk))
-        return ids
+        """A prompt's ids under the official chunked rule (`contract.tokenize_prompt`) with this GGUF's vocabulary.
+        The export's parity check proves it equal to the same rule with SentencePiece."""
+        return contract.tokenize_prompt(prompt, self.tokenize, self.bos_id)
 
     def token_piece(self, token: int) -> bytes:
         """The bytes one token stands for (special tokens rendered as their text)."""

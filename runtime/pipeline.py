@@ -58,6 +58,7 @@ class Answer:
     modality: str
     landmarks: str  # where the landmarks came from: "face mesh", "file", "none", "none (face mesh found none)"
     prompt_positions: int
+    reused_prefix_positions: int  # of the prompt's positions, those already in the KV cache (the system prompt)
     timings: Timings = field(default_factory=Timings)
 
     def to_json(self) -> dict[str, Any]:
@@ -97,11 +98,13 @@ class Pipeline:
 
     @classmethod
     def open(cls, bundle: str | Path, vision: str = "auto", llm: str | None = None, n_gpu_layers: int = 0,
-             n_ctx: int = 4096, vision_precision: str = "fp32", verbose: bool = False) -> Pipeline:
+             n_ctx: int = 4096, vision_precision: str = "fp32", kv_type: str = "f16", flash_attn: bool | None = None,
+             verbose: bool = False) -> Pipeline:
         """Open a bundle: verify its manifest and the files used, pick the vision backend (`auto`,
         `onnxruntime`, `tensorrt`, `torch`) and the GGUF type (`llm`; default: the most precise present), load the
-        LLM with `n_gpu_layers` offloaded. Raises FaceLlavaError for a bundle that is missing, altered, or lacks
-        what was asked for."""
+        LLM with `n_gpu_layers` offloaded. `kv_type` "f32" and `flash_attn` False make llama.cpp's attention as
+        exact as the export's parity measurement (llama.cpp's defaults, F16 cache and automatic flash attention,
+        are faster). Raises FaceLlavaError for a bundle that is missing, altered, or lacks what was asked for."""
         from facellava.runtime.llm import LlamaModel
 
         opened = Bundle.open(bundle)
@@ -114,7 +117,7 @@ class Pipeline:
             raise FaceLlavaError(f"{opened.path} has no {llm} GGUF (it has: {', '.join(sorted(types))})")
         backend = open_vision(opened, vision, vision_precision)
         model = LlamaModel.open(opened.path_of(types[llm]), n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
-                                verbose=verbose)
+                                kv_type=kv_type, flash_attn=flash_attn, verbose=verbose)
         return cls(opened, backend, ChatSession(model))
 
     @property
@@ -200,7 +203,7 @@ class Pipeline:
             timings.decode_tokens_per_s = generation.decode_tokens_per_s
             timings.total_ms = (time.perf_counter() - start) * 1000
             return Answer(generation.text, generation.tokens, generation.finish_reason, prepared.modality,
-                          prepared.landmarks_source, generation.prompt_positions, timings)
+                          prepared.landmarks_source, generation.prompt_positions, generation.reused_prefix, timings)
 
         if stream:
             return AnswerStream(pieces, finish)

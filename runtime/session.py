@@ -114,6 +114,7 @@ class ChatSession:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         pending = ""  # decoded text held back while it could be the start of a stop string
         first = True
+        leading = True  # the answer's first character may be SentencePiece's dummy-prefix space
         try:
             while True:
                 token = llama_cpp.llama_sampler_sample(chain, self.llm.context, -1)
@@ -126,9 +127,9 @@ class ChatSession:
                     break
                 result.tokens.append(token)
                 piece = decoder.decode(self.llm.token_piece(token))
-                if first:
-                    piece = piece.removeprefix(" ")  # SentencePiece's dummy-prefix space
-                    first = False
+                first = False
+                if leading and piece:
+                    piece, leading = piece.removeprefix(" "), False
                 pending += piece
                 emitted, pending, stopped = self._split_stop(pending)
                 if emitted:
