@@ -4,6 +4,7 @@ llama.cpp itself, the bundle, and the errors a user can cause. The expensive exp
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -361,8 +362,8 @@ def test_parity_miss_fails_unless_drift_is_allowed(tiny_checkpoint: Path, llm_bu
     capsys.readouterr()
     assert _export(tiny_checkpoint, bundle, ["q4_0"]) == 1
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and "q4_0: top-1 agreement 0.6" in lines[0] and "< 0.999" in lines[0], lines
-    assert "mean KL 0.2" in lines[0] and "--allow-drift" in lines[0]
+    assert len(lines) == 1 and re.search(r"q4_0: top-1 agreement 0\.\d+ < 0\.999", lines[0]), lines
+    assert re.search(r"mean KL 0\.\d+ > 0\.0001", lines[0]) and "--allow-drift" in lines[0]
     assert _listing(bundle) == before
 
     assert _export(tiny_checkpoint, bundle, ["q4_0"], "--allow-drift") == 0
