@@ -99,7 +99,7 @@ class Pipeline:
     @classmethod
     def open(cls, bundle: str | Path, vision: str = "auto", llm: str | None = None, n_gpu_layers: int = 0,
              n_ctx: int = 4096, vision_precision: str = "fp32", kv_type: str = "f16", flash_attn: bool | None = None,
-             verbose: bool = False) -> Pipeline:
+             n_threads: int | None = None, verbose: bool = False) -> Pipeline:
         """Open a bundle: verify its manifest and the files used, pick the vision backend (`auto`,
         `onnxruntime`, `tensorrt`, `torch`) and the GGUF type (`llm`; default: the most precise present), load the
         LLM with `n_gpu_layers` offloaded. `kv_type` "f32" and `flash_attn` False make llama.cpp's attention as
@@ -117,7 +117,7 @@ class Pipeline:
             raise FaceLlavaError(f"{opened.path} has no {llm} GGUF (it has: {', '.join(sorted(types))})")
         backend = open_vision(opened, vision, vision_precision)
         model = LlamaModel.open(opened.path_of(types[llm]), n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
-                                kv_type=kv_type, flash_attn=flash_attn, verbose=verbose)
+                                kv_type=kv_type, flash_attn=flash_attn, n_threads=n_threads, verbose=verbose)
         return cls(opened, backend, ChatSession(model))
 
     @property
