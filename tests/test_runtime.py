@@ -91,6 +91,20 @@ def test_streaming_and_sampling(pipeline, face_photo):
     assert len(short.tokens) <= 3
 
 
+def test_the_torch_backend_is_the_reference_the_onnx_backend_matches(pipeline, tiny_bundle, face_photo):
+    from facellava.runtime.vision import open_vision
+
+    prepared = pipeline.prepare(image=face_photo)
+    reference = open_vision(pipeline.bundle, "torch").encode("image", prepared.pixel_values, prepared.landmarks)
+    exported = pipeline.vision.encode("image", prepared.pixel_values, prepared.landmarks)
+    assert reference.shape == exported.shape == (1, 256, 256)
+    assert np.linalg.norm(exported - reference) / np.linalg.norm(reference) < 1e-4
+    with pytest.raises(FaceLlavaError, match="no fp16 image vision graph"):
+        open_vision(pipeline.bundle, "onnxruntime", "fp16").encode("image", prepared.pixel_values, None)
+    with pytest.raises(FaceLlavaError, match="unknown vision backend"):
+        open_vision(pipeline.bundle, "cuda-magic")
+
+
 def test_stop_strings_are_cut_even_across_pieces(pipeline):
     session = ChatSession(pipeline.session.llm, stop=("</s>", "###"))
     assert session._split_stop("Happy</") == ("Happy", "</", False)
@@ -161,6 +175,7 @@ def test_cli_bad_and_unusual_inputs(tmp_path, tiny_bundle, face_photo):
     np.save(tmp_path / "wrong.npy", np.zeros((5, 3), np.float32))
     expect_error(tiny_bundle, "wrong.npy", QUESTION, "--image", face_photo, "--landmarks", tmp_path / "wrong.npy")
     expect_error(tiny_bundle, "no q4_k_m GGUF", QUESTION, "--image", face_photo, "--llm", "q4_k_m")
+    expect_error(tiny_bundle, "camera 9 cannot be opened", QUESTION, "--camera", "9")
 
 
 def test_cli_refuses_a_damaged_bundle(tmp_path, tiny_bundle, face_photo):

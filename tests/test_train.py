@@ -87,6 +87,20 @@ def test_saved_checkpoint_has_the_official_layout_and_loads(stage2_run, tiny_che
         assert torch.equal(parameters[name], tensor), name
 
 
+def test_trained_checkpoint_exports_to_onnx_and_gguf(stage2_run, tmp_path: Path):
+    from facellava.export.llm import export_llm_bundle
+    from facellava.export.vision import export_vision
+
+    bundle = tmp_path / "bundle"
+    vision = export_vision(stage2_run.out, bundle, modalities=("image",), precisions=("fp32",), progress=False)
+    llm = export_llm_bundle(stage2_run.out, bundle, types=("f32",), progress=False)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert {"vision_image.onnx", "vision_image_nolm.onnx", "llm-f32.gguf"} <= set(manifest["files"])
+    assert all(figures["passed"] for figures in manifest["parity"].values())
+    assert llm["llm-f32.gguf"]["greedy_identical"] == llm["llm-f32.gguf"]["prompts"]
+    assert set(vision.files) == {"vision_image.onnx", "vision_image_nolm.onnx"}
+
+
 def test_stage1_leaves_every_frozen_tensor_bit_identical(synthetic: Path, tiny_checkpoint: Path, tmp_path: Path):
     data = tmp_path / "data.json"
     records = json.loads(synthetic.read_text())[:5]
