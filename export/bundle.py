@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from facellava import __version__, contract
+from facellava.atomic import write_text_atomically
 from facellava.errors import FaceLlavaError
 
 TOOL_PACKAGES = ("torch", "transformers", "onnx", "onnxruntime", "gguf", "llama_cpp_python", "sentencepiece",
@@ -39,18 +40,6 @@ def checkpoint_fingerprint(checkpoint_dir: str | Path) -> str:
     for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
         lines.append(f"{path.relative_to(root).as_posix()} {contract.file_sha256(path)}")
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as out:
-            out.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
 
 
 class BundleWriter:
@@ -130,5 +119,5 @@ class BundleWriter:
     def commit(self) -> Path:
         """Write `manifest.json` atomically and return its path."""
         path = self.path / contract.MANIFEST_NAME
-        _atomic_write_text(path, json.dumps(self.manifest, indent=2, sort_keys=False) + "\n")
+        write_text_atomically(path, json.dumps(self.manifest, indent=2, sort_keys=False) + "\n")
         return path

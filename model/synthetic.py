@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from facellava import contract
+from facellava.atomic import staged_directory
 from facellava.errors import FaceLlavaError
 
 FACE_PHOTO = Path(__file__).resolve().parents[1] / "runtime" / "assets" / "astronaut.jpg"
@@ -234,9 +233,7 @@ def make_synthetic_data(out_dir: str | Path, n: int = 32, seed: int = 0, videos:
     with Image.open(photo) as image:
         pixels = np.asarray(image.convert("RGB"))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_directory(out) as staging:
         for folder in ("images", "videos", "landmarks"):
             (staging / folder).mkdir()
         records = []
@@ -276,12 +273,6 @@ def make_synthetic_data(out_dir: str | Path, n: int = 32, seed: int = 0, videos:
             record["conversations"] = conversation(task, question, tilt_points, placeholder, follow_up=i % 3 == 2)
             records.append(record)
         (staging / "data.json").write_text(json.dumps(records, indent=1, ensure_ascii=False))
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out / "data.json"
 
 

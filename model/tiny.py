@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Literal
 
 import torch
 
 from facellava import contract
+from facellava.atomic import staged_directory
 from facellava.errors import FaceLlavaError
 from facellava.model.loading import CHECKPOINT_PREFIXES, CONFIG_NAME, TOKENIZER_NAME
 from facellava.model.modeling import FaceLlava, FaceLlavaConfig, LanguageBindTower, TowerConfig
@@ -237,9 +236,7 @@ def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0, cross_attn: str = "
     with torch.no_grad():
         model.llm.lm_head.weight.mul_(4.0)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_directory(out) as staging:
         state = official_state_dict(model)
         for kind, tower in (("image", model.image_tower), ("video", model.video_tower)):
             assert tower is not None
@@ -260,10 +257,4 @@ def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0, cross_attn: str = "
             "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None, "legacy": True,
             "model_max_length": 2048, "padding_side": "right",
         }, indent=2))
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out

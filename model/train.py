@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from facellava import contract
+from facellava.atomic import staged_directory
 from facellava.errors import FaceLlavaError
 from facellava.model.data import ConversationDataset, ConversationTokenizer, Example, Record, UnusableRecord
 from facellava.model.loading import (
@@ -227,21 +228,13 @@ def save_training_state(out: Path, step: int, model: FaceLlava, optimizer: torch
                         scheduler: Any, progress: dict[str, Any]) -> Path:
     """Write `OUT/checkpoint-<step>/` (under a temporary name, then renamed) and remove older ones."""
     final = out / f"{STATE_PREFIX}{step}"
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=out))
-    try:
+    with staged_directory(final) as staging:
         trainable = {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
         torch.save(trainable, staging / "trainable.pt")
         torch.save(optimizer.state_dict(), staging / "optimizer.pt")
         torch.save(scheduler.state_dict(), staging / "scheduler.pt")
         torch.save(_rng_state(), staging / "rng.pt")
         (staging / "trainer_state.json").write_text(json.dumps(progress, indent=1))
-        staging.chmod(0o755)  # mkdtemp makes it private
-        if final.exists():
-            shutil.rmtree(final)
-        staging.rename(final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     for older_step, older in _state_dirs(out):
         if older_step != step:
             shutil.rmtree(older, ignore_errors=True)
