@@ -149,8 +149,9 @@ class _Quantizer:
                 nodes_to_quantize=list(nodes_to_quantize or []), nodes_to_exclude=list(nodes_to_exclude),
                 calibrate_method=self.method, calibration_cache_path=str(self.cache),
                 use_external_data_format=external,
+                # biases stay float: TensorRT has no INT32 DequantizeLinear for a Gemm's quantized bias
                 extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
-                               "CalibTensorRangeSymmetric": True})
+                               "CalibTensorRangeSymmetric": True, "QuantizeBias": False})
         self.count += 1
 
 
@@ -268,7 +269,7 @@ def calibrate_vision(bundle: str | Path, data: str | Path | CalibrationSet, *, m
 
     `data`: a folder of face photos/videos, a Face-LLaVA data JSON, or a CalibrationSet; `method`: minmax, entropy
     or percentile; `target_cosine`: the worst held-out crop's cosine against FP32 that each graph must reach;
-    `modalities`: None for every modality with both an FP32 graph and samples; `limit`, `seed`, `cache`: see
+    `modalities`: None for every modality with an FP32 graph and at least 2 samples; `limit`, `seed`, `cache`: see
     `build_calibration_set`; `keep_fp32`: groups always kept FP32; `allow_drift`: keep graphs that miss the target.
     Returns {file name: manifest entry}. Raises FaceLlavaError for a bundle without FP32 vision graphs, a modality
     without graphs or samples, unusable data, or a missed target (then the bundle is left as it was).
@@ -296,9 +297,12 @@ def calibrate_vision(bundle: str | Path, data: str | Path | CalibrationSet, *, m
         if empty:
             raise FaceLlavaError(f"the calibration data has no {' or '.join(empty)} sample "
                                  f"({data.skipped_summary()}); add some or leave it out of --modalities")
-    todo = sorted((name for name, e in graphs.items() if e["modality"] in asked and data.count(e["modality"]) > 0))
+    # unasked, a modality with a single sample is left out (it cannot be split); asked, `split` refuses it
+    todo = sorted(name for name, e in graphs.items() if e["modality"] in asked
+                  and (data.count(e["modality"]) >= 2 or (modalities and data.count(e["modality"]) > 0)))
     if not todo:
-        raise FaceLlavaError(f"the calibration data has no sample of the bundle's modalities ({', '.join(have)})")
+        raise FaceLlavaError(f"the calibration data has fewer than 2 samples of each of the bundle's modalities "
+                             f"({', '.join(have)}; {data.skipped_summary()}): add files")
 
     writer = BundleWriter(opened.path)
     staging = Path(tempfile.mkdtemp(prefix=".int8-", dir=opened.path))
