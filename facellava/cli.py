@@ -29,6 +29,8 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
                             "write a small synthetic face instruction data set (the shipped photograph, augmented)"),
     "export llm": ("facellava.export.cli_llm", "export_llm",
                    "write the LLM as GGUF files (F16/F32, llama.cpp quantizations) checked in llama.cpp"),
+    "calibrate vision": ("facellava.calibration.cli", "calibrate_vision",
+                         "write INT8 Q/DQ vision graphs calibrated on face crops, checked against FP32"),
 }
 
 
