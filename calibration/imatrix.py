@@ -141,7 +141,8 @@ def compute_imatrix(model: Any, prompts: Sequence[CalibrationPrompt], continuati
             else:
                 ids = model.prompt_ids(prompt.question, prompt.modality)
             before = next(iter(statistics.counts.values()), 0)
-            model.generate_reference(ids, prompt.visual_blocks, max_new_tokens=continuation_tokens + 1,
+            # every generated token is fed back, so this runs the prompt and `continuation_tokens` more
+            model.generate_reference(ids, prompt.visual_blocks, max_new_tokens=continuation_tokens,
                                      stop_at_eos=False)
             tokens += next(iter(statistics.counts.values())) - before
     sums = {name: values.float().numpy() for name, values in statistics.sums.items()}
