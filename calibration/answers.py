@@ -258,3 +258,23 @@ def parse_deepfake(text: str) -> str | None:
             return "fake" if label == "real" else "real"
         return label
     return None
+
+
+# --- the official task prompts ----------------------------------------------------------------------------------
+
+# The first prompt of each of the official evaluation lists, and the medium its benchmarks use. Emotion is asked
+# of videos in DFEW/Crema-D and of images in RAF-DB; the prompt is the same either way.
+TASK_PROMPTS: dict[str, str] = {
+    "emotion": "What emotion is shown in the video?",
+    "action_units": "Identify the active facial action units in the provided image.",
+    "age": "Guess the age of the individual shown in the picture; justify your answer.",
+    "attributes": "Analyze the facial characteristics shown in the picture.",
+    "deepfake": "Is the video authentic, or is it a fake?",
+}
+TASK_MODALITIES: dict[str, tuple[str, ...]] = {
+    "emotion": ("video", "image"),
+    "action_units": ("image",),
+    "age": ("image",),
+    "attributes": ("image",),
+    "deepfake": ("video", "image"),
+}

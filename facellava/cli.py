@@ -31,6 +31,12 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
                    "write the LLM as GGUF files (F16/F32, llama.cpp quantizations) checked in llama.cpp"),
     "calibrate vision": ("facellava.calibration.cli", "calibrate_vision",
                          "write INT8 Q/DQ vision graphs calibrated on face crops, checked against FP32"),
+    "calibrate llm": ("facellava.calibration.imatrix", "calibrate_llm",
+                      "multimodal importance matrix from PyTorch, then low-bit GGUF types quantized with it"),
+    "bench": ("facellava.calibration.bench", "bench",
+              "latency, memory and fidelity of every vision precision x GGUF type of a bundle"),
+    "eval": ("facellava.calibration.eval", "evaluate",
+             "task accuracy (the paper's metrics) of each variant of a bundle on a labelled manifest"),
 }
 
 

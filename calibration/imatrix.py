@@ -1,0 +1,227 @@
+"""A multimodal importance matrix for llama.cpp's low-bit quantizers, computed from the PyTorch LLM.
+
+llama.cpp's `llama-imatrix` only sees text, but Face-LLaVA's LLM spends most of its positions on visual tokens
+(256 per image, 2056 per video), whose activations look nothing like text's. So the matrix is collected here,
+in PyTorch, on prompts that include them: the official task questions about calibration images and videos,
+read through the runtime's front end and preprocessing, encoded by `FaceLlava.encode_image/encode_video`, then
+the prompt and a short greedy continuation run through the LLM. A forward hook on every decoder nn.Linear adds
+up the squared input activations per input column and counts the tokens: exactly what `llama-imatrix` collects
+(`<tensor>.in_sum2` and `<tensor>.counts`), keyed by the GGUF tensor names of the exporter's table, and written
+in llama.cpp's GGUF imatrix format. As in `llama-imatrix`, `output.weight` is only collected on request.
+
+```python
+sums, counts, tokens = compute_imatrix(model, samples)
+save_imatrix("imatrix.gguf", sums, counts)
+```
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from facellava import contract
+from facellava.calibration.answers import TASK_MODALITIES, TASK_PROMPTS
+from facellava.errors import FaceLlavaError
+
+IMATRIX_NAME = "imatrix.gguf"
+CONTINUATION_TOKENS = 16  # greedy tokens after each prompt: the answer's positions are calibrated too
+DEFAULT_LOW_BIT_TYPES = ("iq4_xs", "q3_k_s", "q2_k")
+
+
+@dataclass
+class CalibrationPrompt:
+    """One question and its visual blocks (each [N, D]); no blocks for a text-only prompt."""
+
+    question: str
+    modality: contract.Modality | None
+    visual_blocks: list[torch.Tensor]
+    source: str = ""
+
+
+def questions_for(modality: contract.Modality) -> list[str]:
+    """The official task prompts asked of this medium."""
+    return [TASK_PROMPTS[task] for task, modalities in TASK_MODALITIES.items() if modality in modalities]
+
+
+def calibration_prompts(model: Any, media: Sequence[Any], progress: bool = True) -> list[CalibrationPrompt]:
+    """The visual tokens of each prepared medium (`calibration.media.prepare_media`) with an official question
+    of its modality, the questions taken in turn."""
+    cycles = {m: itertools.cycle(questions_for(m)) for m in ("image", "video")}
+    prompts = []
+    with torch.inference_mode():
+        for medium in tqdm(media, desc="visual tokens", unit="file", disable=not progress):
+            pixels = torch.from_numpy(medium.pixel_values)
+            landmarks = None
+            if medium.landmarks is not None and model.config.has_landmark_modules:
+                landmarks = torch.from_numpy(medium.landmarks)
+            if medium.modality == "image":
+                blocks = [model.encode_image(pixels, landmarks)[0]]
+            else:
+                blocks = list(model.encode_video(pixels, landmarks)[0])
+            prompts.append(CalibrationPrompt(next(cycles[medium.modality]), medium.modality, blocks,
+                                             str(medium.path)))
+    return prompts
+
+
+def text_prompt_ids(model: Any, question: str) -> list[int]:
+    """The inference template without any visual placeholder (text-only calibration, as llama-imatrix sees)."""
+    prompt = contract.build_prompt(question, "image").replace(contract.IMAGE_PLACEHOLDER + "\n", "")
+    return contract.tokenize_prompt(prompt, model.tokenizer.encode, model.config.bos_token_id)
+
+
+def gguf_linear_names(model: Any, include_output: bool = False) -> dict[str, str]:
+    """{module name in model.llm: GGUF weight name} for every decoder nn.Linear (and lm_head on request), from the
+    exporter's tensor table."""
+    from facellava.export.gguf import tensor_plan
+
+    plan = tensor_plan(model.config)
+    names = {}
+    for module_name, module in model.llm.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        entry = plan.get(module_name + ".weight")
+        if entry is None or (module_name == "lm_head" and not include_output):
+            continue
+        names[module_name] = entry.name
+    return names
+
+
+class ActivationStatistics:
+    """While active (`with`), every hooked nn.Linear adds its inputs' squared values per column and its token
+    count, in float64, as llama.cpp's imatrix collector does."""
+
+    def __init__(self, llm: nn.Module, names: dict[str, str]):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self._modules = {names[n]: m for n, m in llm.named_modules() if n in names}
+        self._handles: list[Any] = []
+
+    def _hook(self, name: str) -> Any:
+        def collect(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+            total = (x * x).sum(dim=0)
+            self.sums[name] = self.sums[name] + total if name in self.sums else total
+            self.counts[name] = self.counts.get(name, 0) + x.shape[0]
+        return collect
+
+    def __enter__(self) -> ActivationStatistics:
+        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self._modules.items()]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def compute_imatrix(model: Any, prompts: Sequence[CalibrationPrompt], continuation_tokens: int = CONTINUATION_TOKENS,
+                    include_output: bool = False, progress: bool = True
+                    ) -> tuple[dict[str, np.ndarray], dict[str, float], int]:
+    """Run each prompt (visual blocks spliced in, then `continuation_tokens` greedy tokens) through the PyTorch
+    LLM and collect llama.cpp's importance statistics. Returns ({GGUF name: sum of squared inputs per column},
+    {GGUF name: tokens}, tokens seen). Raises FaceLlavaError when there is no prompt."""
+    if not prompts:
+        raise FaceLlavaError("no calibration prompt: give images or videos with a detectable face")
+    statistics = ActivationStatistics(model.llm, gguf_linear_names(model, include_output))
+    tokens = 0
+    with statistics:
+        for prompt in tqdm(prompts, desc="importance matrix", unit="prompt", disable=not progress):
+            if prompt.modality is None:
+                ids = text_prompt_ids(model, prompt.question)
+            else:
+                ids = model.prompt_ids(prompt.question, prompt.modality)
+            before = next(iter(statistics.counts.values()), 0)
+            # every generated token is fed back, so this runs the prompt and `continuation_tokens` more
+            model.generate_reference(ids, prompt.visual_blocks, max_new_tokens=continuation_tokens,
+                                     stop_at_eos=False)
+            tokens += next(iter(statistics.counts.values())) - before
+    sums = {name: values.float().numpy() for name, values in statistics.sums.items()}
+    counts = {name: float(count) for name, count in statistics.counts.items()}
+    return sums, counts, tokens
+
+
+def calibrate_llm_bundle(bundle: str | Path, data: str | Path, types: str | Sequence[str] = DEFAULT_LOW_BIT_TYPES,
+                         limit: int | None = 64, seed: int = 0, continuation_tokens: int = CONTINUATION_TOKENS,
+                         include_output: bool = False, allow_drift: bool = False, threads: int = 0,
+                         progress: bool = True) -> dict[str, Any]:
+    """Compute the multimodal importance matrix of a bundle's source checkpoint on the images and videos of
+    `data` (a folder or a data JSON; a seeded selection of `limit`), store it in the bundle as `imatrix.gguf`
+    (manifest kind "data"), then quantize the LLM to `types` with it (`export.llm.export_llm_bundle`, parity
+    checked). Returns {"imatrix": details, "parity": {file: figures}}. Raises FaceLlavaError for a bundle without a
+    source checkpoint, data without a usable face, or a type or parity problem (the bundle's GGUFs are then left
+    as they were)."""
+    from facellava.calibration.media import find_media, prepare_media
+    from facellava.export.bundle import BundleWriter
+    from facellava.export.llm import export_llm_bundle, parse_types
+    from facellava.export.quantize import save_imatrix
+    from facellava.model.modeling import FaceLlava
+    from facellava.runtime.bundle import Bundle
+
+    parse_types(types, have_imatrix=True)  # a bad type name fails before the long work
+    opened = Bundle.open(bundle)
+    checkpoint = opened.manifest.get("source", {}).get("checkpoint")
+    if not checkpoint or not Path(checkpoint).is_dir():
+        raise FaceLlavaError(f"{opened.path}'s source checkpoint {checkpoint!r} is not on this machine; the "
+                             "importance matrix is computed from it")
+    paths = find_media(data, limit, seed)
+    media, skipped = prepare_media(paths)
+    if not media:
+        reasons = ", ".join(f"{n} {r}" for r, n in skipped.most_common())
+        raise FaceLlavaError(f"none of the {len(paths)} files of {data} could be used ({reasons})")
+    model = FaceLlava.from_pretrained(checkpoint).eval()
+    prompts = calibration_prompts(model, media, progress)
+    sums, counts, tokens = compute_imatrix(model, prompts, continuation_tokens, include_output, progress)
+    del model
+    writer = BundleWriter(opened.path)
+    with writer.staged(IMATRIX_NAME) as temp:
+        save_imatrix(temp, sums, counts, datasets=[str(data)], chunk_count=len(prompts),
+                     chunk_size=max(1, tokens // len(prompts)))
+    details = {"prompts": len(prompts), "tokens": tokens, "files_skipped": sum(skipped.values()),
+               "images": sum(p.modality == "image" for p in prompts),
+               "videos": sum(p.modality == "video" for p in prompts),
+               "continuation_tokens": continuation_tokens, "entries": len(sums), "data": str(data)}
+    writer.record(IMATRIX_NAME, "data", content="imatrix", **details)
+    writer.commit()
+    parity = export_llm_bundle(checkpoint, opened.path, types, imatrix=opened.path / IMATRIX_NAME,
+                               allow_drift=allow_drift, threads=threads, progress=progress)
+    return {"imatrix": details, "parity": parity}
+
+
+# --- CLI: facellava calibrate llm ----------------------------------------------------------------------------
+
+
+def calibrate_llm_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bundle", help="bundle directory (its manifest names the source checkpoint)")
+    parser.add_argument("--data", required=True, help="folder of images/videos, or a Face-LLaVA data JSON")
+    parser.add_argument("--limit", type=int, default=64, help="at most this many files, a seeded random choice")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--types", default=",".join(DEFAULT_LOW_BIT_TYPES),
+                        help="GGUF types to quantize with the matrix (e.g. iq4_xs,q3_k_s,q2_k)")
+    parser.add_argument("--continuation-tokens", type=int, default=CONTINUATION_TOKENS)
+    parser.add_argument("--process-output", action="store_true", help="also collect output.weight (lm_head)")
+    parser.add_argument("--allow-drift", action="store_true", help="keep files that miss their parity limits")
+    parser.add_argument("--threads", type=int, default=0)
+
+
+def calibrate_llm(args: argparse.Namespace) -> int:
+    if args.limit is not None and args.limit < 1:
+        raise FaceLlavaError("--limit must be at least 1")
+    result = calibrate_llm_bundle(args.bundle, args.data, args.types, args.limit, args.seed,
+                                  args.continuation_tokens, args.process_output, args.allow_drift, args.threads)
+    info = result["imatrix"]
+    print(f"importance matrix: {info['entries']} weights, {info['prompts']} prompts ({info['images']} images, "
+          f"{info['videos']} videos), {info['tokens']} tokens, {info['files_skipped']} files skipped")
+    for name, figures in result["parity"].items():
+        print(f"{name}: top-1 {figures['top1_agreement']:.3f}, mean KL {figures['mean_kl']:.4g}")
+    return 0
+
