@@ -126,7 +126,7 @@ class ImageReference:
 
 def build_references(checkpoint: str | Path, media: Sequence[Any], question: str,
                      decode_tokens: int = DECODE_TOKENS) -> list[ImageReference]:
-    """The PyTorch reference on each prepared bench image (`calibration.media.prepare_media`)."""
+    """The PyTorch reference on each bench image (`calibration.dataset.CalibrationSet.samples`)."""
     import torch
 
     from facellava.model.modeling import FaceLlava
@@ -140,7 +140,7 @@ def build_references(checkpoint: str | Path, media: Sequence[Any], question: str
                                         None if landmarks is None else torch.from_numpy(landmarks))[0]
             ids = model.prompt_ids(question, "image")
             output = model.generate_reference(ids, [tokens], max_new_tokens=decode_tokens, stop_at_eos=False)
-            references.append(ImageReference(str(medium.path), medium.pixel_values, landmarks,
+            references.append(ImageReference(medium.source, medium.pixel_values, landmarks,
                                              tokens.float().numpy(), ids, output.tokens,
                                              output.logits.float().numpy()))
     return references
@@ -296,7 +296,7 @@ def run_bench(bundle: str | Path, out_dir: str | Path, images: str | Path | None
     FaceLlavaError for a bad bundle, variant, image folder, or a repeat count below 1."""
     from importlib import resources
 
-    from facellava.calibration.media import find_media, modality_of, prepare_media
+    from facellava.calibration.dataset import build_calibration_set
     from facellava.runtime.bundle import Bundle
 
     if repeats < 1:
@@ -305,9 +305,9 @@ def run_bench(bundle: str | Path, out_dir: str | Path, images: str | Path | None
     chosen = bundle_variants(opened, variants)
     if images is None:
         images = Path(str(resources.files("facellava.runtime.assets") / "astronaut.jpg"))
-    paths = [p for p in find_media(images) if modality_of(p) == "image"]
-    if not paths:
-        raise FaceLlavaError(f"{images} holds no image (bench answers about images)")
+    calibration = build_calibration_set(images, modalities=("image",), progress=False)
+    media = calibration.samples()
+    paths = [Path(images) / m.source if Path(images).is_dir() else Path(images) for m in media]
     out = Path(out_dir)
     (out / "variants").mkdir(parents=True, exist_ok=True)
     settings = {"images": [str(p) for p in paths], "repeats": repeats, "question": question,
@@ -325,12 +325,9 @@ def run_bench(bundle: str | Path, out_dir: str | Path, images: str | Path | None
         if not checkpoint or not Path(checkpoint).is_dir():
             raise FaceLlavaError(f"{opened.path}'s source checkpoint {checkpoint!r} is not on this machine; bench "
                                  "measures fidelity against it")
-        media, skipped = prepare_media(paths)
-        if not media:
-            raise FaceLlavaError(f"no face found in the {len(paths)} bench images of {images}")
         references = build_references(checkpoint, media, question, decode_tokens)
         for variant in tqdm(todo, desc="bench", unit="variant", disable=not progress):
-            record = bench_variant(opened, variant, [m.path for m in media], references, question, repeats,
+            record = bench_variant(opened, variant, paths, references, question, repeats,
                                    decode_tokens, n_threads)
             record["settings"] = settings
             record["sha256"] = _variant_hashes(opened, record)

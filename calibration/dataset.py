@@ -22,9 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from facellava import contract
+from facellava.atomic import staged_directory
 from facellava.errors import FaceLlavaError
 from facellava.runtime import face
 from facellava.runtime.preprocess import preprocess_image, preprocess_video
@@ -69,6 +67,16 @@ class CalibrationReader:
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return iter(self.feeds)
+
+
+@dataclass
+class Sample:
+    """One preprocessed image or video: what the vision graph takes for it."""
+
+    source: str  # the file, relative to the set's source
+    modality: contract.Modality
+    pixel_values: np.ndarray  # [1,3,224,224] or [1,3,8,224,224]
+    landmarks: np.ndarray  # [1,68,2] or [1,8,68,2], crop pixels / 256
 
 
 @dataclass
@@ -121,6 +129,13 @@ class CalibrationSet:
             feeds.append(feed)
         return feeds
 
+    def samples(self) -> list[Sample]:
+        """Every row as its own sample (batch 1), images first, in the set's order."""
+        return [Sample(name, modality, self.pixel_values[modality][row:row + 1],
+                       self.landmarks[modality][row:row + 1])
+                for modality in MODALITIES if modality in self.sources
+                for row, name in enumerate(self.sources[modality])]
+
     def reader(self, modality: str, with_landmarks: bool, indices: Sequence[int] | None = None) -> CalibrationReader:
         """A `CalibrationReader` over the rows (all by default) for a graph with or without landmark input."""
         return CalibrationReader(self.feeds(modality, with_landmarks, indices))
@@ -129,21 +144,13 @@ class CalibrationSet:
         """Write the arrays and `sources.json` into `directory`, replacing it as a whole (atomically: a crash
         leaves the old cache or none)."""
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        temp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
+        with staged_directory(directory) as temp:
             for modality in self.sources:
                 np.save(temp / f"{modality}_pixel_values.npy", self.pixel_values[modality])
                 np.save(temp / f"{modality}_landmarks.npy", self.landmarks[modality])
             listing = {"format": CACHE_FORMAT, "request": self.request, "sources": self.sources,
                        "skipped": self.skipped}
             (temp / SOURCES_NAME).write_text(json.dumps(listing, indent=2) + "\n")
-            if directory.exists():
-                shutil.rmtree(directory)
-            os.replace(temp, directory)
-        except BaseException:
-            shutil.rmtree(temp, ignore_errors=True)
-            raise
         return directory
 
     @classmethod
@@ -262,18 +269,21 @@ def _candidates(source: Path) -> list[_Candidate]:
         if not files:
             raise FaceLlavaError(f"calibration folder {source} has no files; put face photos or videos in it, or "
                                  "give a Face-LLaVA data JSON")
-        return [_Candidate(p, _modality_of(p), problem=None if _modality_of(p) else "not an image or video file")
+        return [_Candidate(p, modality_of(p), problem=None if modality_of(p) else "not an image or video file")
                 for p in files]
     if source.is_file() and source.suffix.lower() == ".json":
         return _json_candidates(source)
+    if source.is_file() and modality_of(source):
+        return [_Candidate(source, modality_of(source), problem=None)]
     if source.is_file():
-        raise FaceLlavaError(f"{source} is neither a folder nor a data JSON; give a folder of face photos and "
-                             "videos, or a Face-LLaVA data .json file")
+        raise FaceLlavaError(f"{source} is neither a folder, a data JSON nor an image or video; give a folder of "
+                             "face photos and videos, or a Face-LLaVA data .json file")
     raise FaceLlavaError(f"calibration data {source} does not exist")
 
 
-def _modality_of(path: Path) -> str | None:
-    suffix = path.suffix.lower()
+def modality_of(path: str | Path) -> contract.Modality | None:
+    """'image' or 'video' from a file's suffix; None for anything else."""
+    suffix = Path(path).suffix.lower()
     return "image" if suffix in IMAGE_SUFFIXES else "video" if suffix in VIDEO_SUFFIXES else None
 
 

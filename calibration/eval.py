@@ -114,7 +114,7 @@ def check_task(task: str) -> str:
 def read_manifest(path: str | Path, task: str) -> list[Sample]:
     """The samples of a manifest CSV (`path`, `label`). Raises FaceLlavaError, naming the row, for a missing file
     or column, an unknown label, a medium the task does not take, or an empty manifest."""
-    from facellava.calibration.media import modality_of
+    from facellava.calibration.dataset import modality_of
 
     check_task(task)
     path = Path(path)
@@ -185,7 +185,7 @@ def evaluate_bundle(bundle: str | Path, task: str, manifest: str | Path, out_dir
     `out_dir` when given. Returns one record per variant. Raises FaceLlavaError for a bad task, manifest, bundle
     or variant (before any answer is generated) and for a sample the front end cannot read."""
     from facellava.calibration.bench import bundle_variants, write_reports
-    from facellava.calibration.media import modality_of
+    from facellava.calibration.dataset import modality_of
     from facellava.runtime.bundle import Bundle
     from facellava.runtime.pipeline import Pipeline
 

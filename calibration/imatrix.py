@@ -54,8 +54,8 @@ def questions_for(modality: contract.Modality) -> list[str]:
 
 
 def calibration_prompts(model: Any, media: Sequence[Any], progress: bool = True) -> list[CalibrationPrompt]:
-    """The visual tokens of each prepared medium (`calibration.media.prepare_media`) with an official question
-    of its modality, the questions taken in turn."""
+    """The visual tokens of each calibration sample (`CalibrationSet.samples`) with an official question of its
+    modality, the questions taken in turn."""
     cycles = {m: itertools.cycle(questions_for(m)) for m in ("image", "video")}
     prompts = []
     with torch.inference_mode():
@@ -69,7 +69,7 @@ def calibration_prompts(model: Any, media: Sequence[Any], progress: bool = True)
             else:
                 blocks = list(model.encode_video(pixels, landmarks)[0])
             prompts.append(CalibrationPrompt(next(cycles[medium.modality]), medium.modality, blocks,
-                                             str(medium.path)))
+                                             medium.source))
     return prompts
 
 
@@ -160,7 +160,7 @@ def calibrate_llm_bundle(bundle: str | Path, data: str | Path, types: str | Sequ
     checked). Returns {"imatrix": details, "parity": {file: figures}}. Raises FaceLlavaError for a bundle without a
     source checkpoint, data without a usable face, or a type or parity problem (the bundle's GGUFs are then left
     as they were)."""
-    from facellava.calibration.media import find_media, prepare_media
+    from facellava.calibration.dataset import build_calibration_set
     from facellava.export.bundle import BundleWriter
     from facellava.export.llm import export_llm_bundle, parse_types
     from facellava.export.quantize import save_imatrix
@@ -173,11 +173,8 @@ def calibrate_llm_bundle(bundle: str | Path, data: str | Path, types: str | Sequ
     if not checkpoint or not Path(checkpoint).is_dir():
         raise FaceLlavaError(f"{opened.path}'s source checkpoint {checkpoint!r} is not on this machine; the "
                              "importance matrix is computed from it")
-    paths = find_media(data, limit, seed)
-    media, skipped = prepare_media(paths)
-    if not media:
-        reasons = ", ".join(f"{n} {r}" for r, n in skipped.most_common())
-        raise FaceLlavaError(f"none of the {len(paths)} files of {data} could be used ({reasons})")
+    calibration = build_calibration_set(data, limit=limit, seed=seed, progress=progress)
+    media = calibration.samples()
     model = FaceLlava.from_pretrained(checkpoint).eval()
     prompts = calibration_prompts(model, media, progress)
     sums, counts, tokens = compute_imatrix(model, prompts, continuation_tokens, include_output, progress)
@@ -186,7 +183,7 @@ def calibrate_llm_bundle(bundle: str | Path, data: str | Path, types: str | Sequ
     with writer.staged(IMATRIX_NAME) as temp:
         save_imatrix(temp, sums, counts, datasets=[str(data)], chunk_count=len(prompts),
                      chunk_size=max(1, tokens // len(prompts)))
-    details = {"prompts": len(prompts), "tokens": tokens, "files_skipped": sum(skipped.values()),
+    details = {"prompts": len(prompts), "tokens": tokens, "files_skipped": len(calibration.skipped),
                "images": sum(p.modality == "image" for p in prompts),
                "videos": sum(p.modality == "video" for p in prompts),
                "continuation_tokens": continuation_tokens, "entries": len(sums), "data": str(data)}

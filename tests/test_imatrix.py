@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import write_video
 
+from facellava.calibration.dataset import build_calibration_set
 from facellava.calibration.imatrix import (
     IMATRIX_NAME,
     CalibrationPrompt,
@@ -19,7 +20,6 @@ from facellava.calibration.imatrix import (
     compute_imatrix,
     questions_for,
 )
-from facellava.calibration.media import prepare_media
 from facellava.export import llm_parity
 from facellava.export.quantize import load_imatrix, quantize_gguf, save_imatrix
 
@@ -48,8 +48,13 @@ def uneven(tmp_path_factory: pytest.TempPathFactory, face_photo: Path):
     save_file(state, weights_file, metadata={"format": "pt"})
     model = FaceLlava.from_pretrained(checkpoint).eval()
 
-    media, skipped = prepare_media([face_photo, write_video(root / "face.mp4", 12)])
-    assert len(media) == 2 and not skipped
+    media_dir = root / "media"
+    media_dir.mkdir()
+    shutil.copy(face_photo, media_dir / "face.jpg")
+    write_video(media_dir / "face.mp4", 12)
+    calibration = build_calibration_set(media_dir, progress=False)
+    media = calibration.samples()
+    assert len(media) == 2 and not calibration.skipped
     prompts = [CalibrationPrompt(q, p.modality, p.visual_blocks)
                for p in calibration_prompts(model, media, progress=False) for q in questions_for(p.modality)]
     sums, counts, tokens = compute_imatrix(model, prompts, progress=False)
