@@ -79,6 +79,8 @@ class OnnxRuntimeVision(VisionBackend):
             path = self.bundle.path_of(vision_file(self.bundle, modality, self.precision, landmarks))
             options = onnxruntime.SessionOptions()
             options.log_severity_level = 3
+            # ORT's worker threads otherwise spin after each run and take the cores llama.cpp decodes on
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self._sessions[key] = onnxruntime.InferenceSession(str(path), options, providers=self.providers)
         return self._sessions[key]
 
