@@ -30,12 +30,12 @@ def _figures(record: dict[str, Any]) -> str:
             + ("pass" if record["passed"] else "DRIFT"))
 
 
-def _check_choices(args: argparse.Namespace) -> None:
+def _check_choices(args: argparse.Namespace, engines: bool = False) -> None:
     """Refuse an unknown modality or precision before torch or TensorRT is imported (seconds on a Jetson)."""
     from facellava.export import parity
 
     parity.parse_choices(args.modalities, parity.MODALITIES, "modality")
-    parity.parse_choices(args.precision, parity.PRECISIONS, "precision")
+    parity.parse_choices(args.precision, parity.ENGINE_PRECISIONS if engines else parity.PRECISIONS, "precision")
 
 
 def export_vision(args: argparse.Namespace) -> int:
@@ -54,7 +54,8 @@ def export_vision(args: argparse.Namespace) -> int:
 def build_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", type=Path, help="bundle directory with vision graphs")
     parser.add_argument("--modalities", default="image,video", help="comma list of image, video (default both)")
-    parser.add_argument("--precision", default="fp32,fp16", help="comma list of fp32, fp16 (default both)")
+    parser.add_argument("--precision", default="fp32,fp16,int8",
+                        help="comma list of fp32, fp16, int8 (default: all of them the bundle has)")
     parser.add_argument("--max-batch", type=int, default=4, help="largest batch the engines accept (default 4)")
     parser.add_argument("--opt-batch", type=int, default=1, help="batch the engines are tuned for (default 1)")
     parser.add_argument("--workspace-gb", type=float, default=2.0, help="builder workspace limit (default 2 GB)")
@@ -63,7 +64,7 @@ def build_engine_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_engine(args: argparse.Namespace) -> int:
-    _check_choices(args)
+    _check_choices(args, engines=True)
     from facellava.export.tensorrt import build_engines
 
     entries = build_engines(args.bundle, modalities=args.modalities, precisions=args.precision,

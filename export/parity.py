@@ -20,7 +20,9 @@ from facellava import contract
 from facellava.errors import FaceLlavaError
 
 MODALITIES: tuple[contract.Modality, ...] = ("image", "video")
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16")  # what `export vision` writes
+# what `build-engine` builds: also the INT8 Q/DQ graphs of `calibrate vision`, held to their own target cosine
+ENGINE_PRECISIONS = (*PRECISIONS, "int8")
 OUTPUT_NAME = "visual_tokens"
 # DESIGN.md section 4: FP32 must reproduce the reference; FP16 must point the same way.
 THRESHOLDS: dict[str, dict[str, float]] = {
@@ -148,16 +150,17 @@ def compare(actual: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     }
 
 
-def judge(per_input: Mapping[str, dict[str, float]], precision: str) -> dict[str, Any]:
+def judge(per_input: Mapping[str, dict[str, float]], precision: str,
+          thresholds: Mapping[str, float] | None = None) -> dict[str, Any]:
     """Combine the figures of each input set into one parity record: the worst of each figure, the threshold of
-    the precision, and whether it passed. NaN anywhere fails."""
+    the precision (or the given `thresholds`), and whether it passed. NaN anywhere fails."""
     worst = {
         "cosine": min(f["cosine"] for f in per_input.values()),
         "min_token_cosine": min(f["min_token_cosine"] for f in per_input.values()),
         "max_abs": max(f["max_abs"] for f in per_input.values()),
         "rel_err": max(f["rel_err"] for f in per_input.values()),
     }
-    thresholds = THRESHOLDS[precision]
+    thresholds = dict(THRESHOLDS[precision] if thresholds is None else thresholds)
     passed = all(math.isfinite(v) for v in worst.values())
     if "rel_err" in thresholds:
         passed = passed and worst["rel_err"] <= thresholds["rel_err"]

@@ -92,6 +92,13 @@ def build_engine(onnx_path: Path, engine_path: Path, *, max_batch: int, opt_batc
             "workspace_bytes": workspace_bytes, "build_seconds": round(seconds, 3)}
 
 
+def _thresholds(entry: dict[str, Any]) -> dict[str, float] | None:
+    """An INT8 graph's own target cosine; None (the precision's thresholds) for the others."""
+    if entry["precision"] != "int8":
+        return None
+    return {"cosine": float(entry.get("calibration", {}).get("target_cosine", 0.99))}
+
+
 def _verified(writer: BundleWriter, name: str) -> Path:
     """The path of a bundle file whose sha256 (and its external data's) matches the manifest."""
     files = writer.manifest["files"]
@@ -104,7 +111,7 @@ def _verified(writer: BundleWriter, name: str) -> Path:
 
 
 def build_engines(bundle: str | Path, *, modalities: str | Sequence[str] = parity.MODALITIES,
-                  precisions: str | Sequence[str] = parity.PRECISIONS, max_batch: int = 4, opt_batch: int = 1,
+                  precisions: str | Sequence[str] = parity.ENGINE_PRECISIONS, max_batch: int = 4, opt_batch: int = 1,
                   workspace_gb: float = 2.0, allow_drift: bool = False, seed: int | None = None,
                   progress: bool = True) -> dict[str, dict[str, Any]]:
     """Build engines for the bundle's vision graphs of the given modalities and precisions, on GPU 0.
@@ -116,7 +123,7 @@ def build_engines(bundle: str | Path, *, modalities: str | Sequence[str] = parit
     bundle without vision graphs or whose files do not match their hashes, bad arguments, no TensorRT or GPU.
     """
     modalities = parity.parse_choices(modalities, parity.MODALITIES, "modality")
-    precisions = parity.parse_choices(precisions, parity.PRECISIONS, "precision")
+    precisions = parity.parse_choices(precisions, parity.ENGINE_PRECISIONS, "precision")
     if not 1 <= opt_batch <= max_batch:
         raise FaceLlavaError(f"need 1 <= opt batch <= max batch, got {opt_batch} and {max_batch}")
     if Path(bundle).exists() and not Path(bundle).is_dir():
@@ -161,7 +168,7 @@ def build_engines(bundle: str | Path, *, modalities: str | Sequence[str] = parit
             per_input = {key: parity.compare(outputs[key], references[key]) for key in inputs}
             rel = f"{folder}/{engine_file}"
             records[rel] = {"reference": f"onnxruntime CPUExecutionProvider on {reference_name}", "seed": seed,
-                            **parity.judge(per_input, source["precision"])}
+                            **parity.judge(per_input, source["precision"], _thresholds(source))}
             entries[rel] = {
                 "kind": "engine", "modality": source["modality"], "precision": source["precision"],
                 "landmarks": source["landmarks"], "inputs": source["inputs"], "outputs": source["outputs"],

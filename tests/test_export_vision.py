@@ -344,6 +344,14 @@ def test_build_engine_without_tensorrt_says_how_to_get_it(vision_bundle, capsys)
     assert not (bundle / "engines").exists()
 
 
+def test_build_engine_takes_int8_graphs_and_refuses_unknown_precisions(vision_bundle, capsys):
+    bundle, _ = vision_bundle
+    assert main(["build-engine", str(bundle), "--precision", "int4"]) == 1
+    assert "precision" in _one_line_error(capsys)
+    assert main(["build-engine", str(bundle), "--precision", "int8"]) == 1  # int8 is a precision it builds
+    assert "has no vision graphs for image,video at int8" in _one_line_error(capsys)
+
+
 # --- TensorRT (where it and a GPU are present) ----------------------------------------------------------------
 
 
