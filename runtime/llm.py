@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,6 +57,14 @@ def recent_log(lines: int = 3) -> str:
     return " / ".join(text[-lines:]) or "no message from llama.cpp"
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the OS tells, else the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "f32": llama_cpp.GGML_TYPE_F32}
 
 # --- the model ----------------------------------------------------------------------------------------------
@@ -92,7 +101,9 @@ class LlamaModel:
         """Load a GGUF and create a context of `n_ctx` positions; `n_gpu_layers` layers go to the GPU (-1: all)
         when llama.cpp was built with one; `kv_type` is the KV cache's precision ("f16", llama.cpp's default,
         or "f32"); `flash_attn` True/False forces llama.cpp's flash attention on or off, None lets it choose
-        (its CPU kernel works in half precision: about 1e-3..1e-2 relative logit error on long prompts).
+        (its CPU kernel works in half precision: about 1e-3..1e-2 relative logit error on long prompts);
+        `n_threads` defaults to the cores this process may use (llama.cpp's own default is a fixed 4, which
+        oversubscribes a 2-core machine and made decoding 10x slower there).
         Raises FaceLlavaError when the file is missing or llama.cpp cannot load it."""
         if kv_type not in KV_TYPES:
             raise FaceLlavaError(f"unknown KV cache type {kv_type!r}; expected one of {', '.join(KV_TYPES)}")
@@ -115,8 +126,8 @@ class LlamaModel:
         context_params.flash_attn_type = {None: llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
                                           True: llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
                                           False: llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED}[flash_attn]
-        if n_threads:
-            context_params.n_threads = context_params.n_threads_batch = n_threads
+        n_threads = n_threads or usable_cores()
+        context_params.n_threads = context_params.n_threads_batch = n_threads
         context = llama_cpp.llama_init_from_model(model, context_params)
         if not context:
             llama_cpp.llama_model_free(model)
