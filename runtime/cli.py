@@ -24,7 +24,8 @@ def run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--face-index", type=int, help="which face, counted left to right (default: the largest)")
     parser.add_argument("--llm", help="GGUF type (default: the most precise in the bundle)")
     parser.add_argument("--vision", default="auto", help="auto, onnxruntime, tensorrt or torch")
-    parser.add_argument("--vision-precision", default="fp32", help="fp32 or fp16 (as exported)")
+    parser.add_argument("--vision-precision", default="fp32",
+                        help="fp32, fp16 (export vision) or int8 (calibrate vision)")
     parser.add_argument("--n-gpu-layers", type=int, default=0, help="LLM layers offloaded to the GPU (-1: all)")
     parser.add_argument("--kv-cache", choices=["f16", "f32"], default="f16", help="llama.cpp's KV cache type")
     parser.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto",
