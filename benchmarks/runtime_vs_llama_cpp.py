@@ -32,7 +32,8 @@ def main() -> None:
 
     import llama_cpp
 
-    from facellava.demo import demo_bundle, face_photo
+    from facellava.demo import demo_bundle
+    from facellava.runtime.assets import face_photo
     from facellava.runtime.pipeline import Pipeline
 
     bundle = args.bundle or demo_bundle()

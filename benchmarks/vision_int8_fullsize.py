@@ -27,15 +27,15 @@ from vision_export_fullsize import full_size_configs, latency
 
 from facellava.calibration.dataset import build_calibration_set
 from facellava.calibration.int8 import calibrate_vision, held_out_figures
-from facellava.export import parity
 from facellava.export.bundle import BundleWriter
 from facellava.export.vision import export_vision_model, vision_only_model
+from facellava.runtime.assets import face_photo
 
 
 def augmented_photos(folder: Path, copies: int) -> Path:
     """The shipped photograph and `copies` rotated, brightened copies of it."""
     folder.mkdir(parents=True, exist_ok=True)
-    image = Image.open(parity.shipped_face_photo()).convert("RGB")
+    image = Image.open(face_photo()).convert("RGB")
     image.save(folder / "photo.png")
     rng = np.random.default_rng(0)
     for i in range(copies):

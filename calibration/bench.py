@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from facellava.calibration.answers import TASK_PROMPTS
 from facellava.errors import FaceLlavaError
+from facellava.runtime.assets import face_photo
 
 DEFAULT_QUESTION = TASK_PROMPTS["action_units"]
 DECODE_TOKENS = 32
@@ -294,8 +295,6 @@ def run_bench(bundle: str | Path, out_dir: str | Path, images: str | Path | None
     the shipped photograph) and write `bench.{json,csv,md,png}` into `out_dir`. Variants already stored in
     `out_dir/variants/` with the same settings are not measured again. Returns the variants' records. Raises
     FaceLlavaError for a bad bundle, variant, image folder, or a repeat count below 1."""
-    from importlib import resources
-
     from facellava.calibration.dataset import build_calibration_set
     from facellava.runtime.bundle import Bundle
 
@@ -304,7 +303,7 @@ def run_bench(bundle: str | Path, out_dir: str | Path, images: str | Path | None
     opened = Bundle.open(bundle)
     chosen = bundle_variants(opened, variants)
     if images is None:
-        images = Path(str(resources.files("facellava.runtime.assets") / "astronaut.jpg"))
+        images = face_photo()
     calibration = build_calibration_set(images, modalities=("image",), progress=False)
     media = calibration.samples()
     paths = [Path(images) / m.source if Path(images).is_dir() else Path(images) for m in media]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import numpy as np
 
 from facellava import contract
 from facellava.errors import FaceLlavaError
+from facellava.runtime.assets import face_photo
 
 MODALITIES: tuple[contract.Modality, ...] = ("image", "video")
 PRECISIONS = ("fp32", "fp16")  # what `export vision` writes
@@ -34,11 +34,6 @@ RANDOM_BATCH = 2  # not 1, so that every check also exercises the dynamic batch 
 # MediaPipe crop until the runtime's face front end exists.
 PHOTO_FACE_BOX = (150, 40, 300, 190)
 VIDEO_JITTER_PX = 3  # frame-to-frame shift of the crop window when the photograph stands in for a video
-
-
-def shipped_face_photo() -> Path:
-    """The public-domain portrait shipped in `facellava/runtime/assets`."""
-    return Path(str(resources.files("facellava.runtime").joinpath("assets", "astronaut.jpg")))
 
 
 def mean_face_landmarks() -> np.ndarray:
@@ -86,7 +81,7 @@ def face_photo_inputs(modality: contract.Modality, with_landmarks: bool, photo: 
     Raises FaceLlavaError when the photograph cannot be read."""
     from PIL import Image, UnidentifiedImageError
 
-    path = Path(photo) if photo is not None else shipped_face_photo()
+    path = Path(photo) if photo is not None else face_photo()
     try:
         image = Image.open(path)
         image.load()

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from facellava import contract
+from facellava.runtime.assets import face_photo
 
 TINY_VERSION = "tiny-v1-seed0"  # bump when model/tiny.py changes what it writes
 DEMO_LLM_TYPES = ("f32", "q8_0")
@@ -22,13 +23,6 @@ DEMO_QUESTION = "What emotion is shown in the picture?"
 def cache_dir() -> Path:
     """Where the demo keeps what it builds: $FACELLAVA_CACHE, else ~/.cache/facellava."""
     return Path(os.environ.get("FACELLAVA_CACHE", Path.home() / ".cache" / "facellava"))
-
-
-def face_photo() -> Path:
-    """The public-domain portrait shipped with the package (NASA, via scikit-image's `astronaut`)."""
-    from importlib import resources
-
-    return Path(str(resources.files("facellava.runtime.assets") / "astronaut.jpg"))
 
 
 def tiny_checkpoint() -> Path:

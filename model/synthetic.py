@@ -22,8 +22,8 @@ import numpy as np
 from facellava import contract
 from facellava.atomic import staged_directory
 from facellava.errors import FaceLlavaError
+from facellava.runtime.assets import face_photo
 
-FACE_PHOTO = Path(__file__).resolve().parents[1] / "runtime" / "assets" / "astronaut.jpg"
 CROP = contract.FACE_CROP_SIZE
 VIDEO_FRAMES = 12
 VIDEO_FPS = 24
@@ -209,7 +209,7 @@ def _write_video(path: Path, frames: list[np.ndarray]) -> None:
 
 
 def make_synthetic_data(out_dir: str | Path, n: int = 32, seed: int = 0, videos: int | None = None,
-                        landmark_source: LandmarkSource | None = None, photo: str | Path = FACE_PHOTO) -> Path:
+                        landmark_source: LandmarkSource | None = None, photo: str | Path | None = None) -> Path:
     """Write a synthetic training set of `n` records (`videos` of them short videos; default n // 8, at least one
     when n > 1) into `out_dir`, and return the path of its `data.json`.
 
@@ -230,6 +230,7 @@ def make_synthetic_data(out_dir: str | Path, n: int = 32, seed: int = 0, videos:
         raise FaceLlavaError(f"--videos must be between 0 and {n}")
     source = landmark_source or front_end_landmarks()
     rng = np.random.default_rng(seed)
+    photo = photo or face_photo()
     with Image.open(photo) as image:
         pixels = np.asarray(image.convert("RGB"))
 
