@@ -74,38 +74,83 @@ MANIFEST_SCHEMA_VERSION = 1
 MANIFEST_KEYS = ("schema_version", "created_by", "source", "contract", "files", "parity", "tools")
 
 
-def build_prompt(question: str, modality: Modality = "image") -> str:
-    """The `llava_v1` inference prompt for one question about one image or one video.
+def prompt_chunks(question: str, modality: Modality = "image") -> list[str]:
+    """The `llava_v1` inference prompt for one question, as the text between its visual blocks.
 
-    Takes the user's question and the modality; returns the prompt text with `<image>` placeholders: one for an
-    image, eight joined by spaces for a video (one per frame, as the official inference does). Raises
-    ValueError for an unknown modality.
+    Takes the user's question and the modality; returns one more chunk than the prompt has visual blocks (two
+    for an image, nine for a video: the official inference joins the eight frame placeholders by spaces). The
+    question sits whole in the last chunk, so text the user typed, `<image>` included, is never a visual slot.
+    Raises ValueError for an unknown modality.
     """
     if modality == "image":
-        placeholders = IMAGE_PLACEHOLDER
+        blocks = 1
     elif modality == "video":
-        placeholders = " ".join([IMAGE_PLACEHOLDER] * NUM_FRAMES)
+        blocks = NUM_FRAMES
     else:
         raise ValueError(f"unknown modality {modality!r}; expected 'image' or 'video'")
-    return f"{SYSTEM_PROMPT} USER: {placeholders}\n{question} ASSISTANT:"
+    return [f"{SYSTEM_PROMPT} USER: ", *[" "] * (blocks - 1), f"\n{question} ASSISTANT:"]
 
 
-def tokenize_prompt(prompt: str, encode: Callable[[str], Sequence[int]], bos_id: int) -> list[int]:
-    """Tokenize a prompt the way the official `tokenizer_image_token` does.
+def build_prompt(question: str, modality: Modality = "image") -> str:
+    """The `llava_v1` inference prompt as one string, an `<image>` placeholder at each visual block.
 
-    The prompt is split at every `<image>`; each text chunk is encoded separately by `encode` (a SentencePiece
-    encode without BOS/EOS, so the dummy-prefix space applies per chunk); only the first chunk is preceded by
-    BOS; every `<image>` becomes one `IMAGE_TOKEN_INDEX`. Returns the ids, visual positions marked by
-    `IMAGE_TOKEN_INDEX`.
+    For display and for fixed prompts: a user's question that itself contains `<image>` would be split there by
+    `tokenize_prompt`, so user questions are tokenized as `tokenize_chunks(prompt_chunks(question, modality), ...)`
+    instead. Raises ValueError for an unknown modality.
+    """
+    return IMAGE_PLACEHOLDER.join(prompt_chunks(question, modality))
+
+
+def tokenize_chunks(chunks: Sequence[str], encode: Callable[[str], Sequence[int]], bos_id: int) -> list[int]:
+    """The official `tokenizer_image_token` rule on a prompt already cut into its text chunks.
+
+    Each chunk is encoded separately by `encode` (a SentencePiece encode without BOS/EOS, so the dummy-prefix
+    space applies per chunk); only the first is preceded by BOS; one `IMAGE_TOKEN_INDEX` goes between
+    consecutive chunks. Returns the ids, visual positions marked by `IMAGE_TOKEN_INDEX`.
     """
     ids = [bos_id]
-    chunks = prompt.split(IMAGE_PLACEHOLDER)
     for i, chunk in enumerate(chunks):
         if i > 0:
             ids.append(IMAGE_TOKEN_INDEX)
         if chunk:  # the official code strips BOS from tokenizer(""), which leaves nothing
             ids.extend(encode(chunk))
     return ids
+
+
+def tokenize_prompt(prompt: str, encode: Callable[[str], Sequence[int]], bos_id: int) -> list[int]:
+    """Tokenize a prompt string the way the official `tokenizer_image_token` does: split at every `<image>`,
+    then `tokenize_chunks`. For fixed prompts and training data, where `<image>` is structural; a user's question
+    goes through `prompt_chunks` instead."""
+    return tokenize_chunks(prompt.split(IMAGE_PLACEHOLDER), encode, bos_id)
+
+
+# --- the vision graph ---------------------------------------------------------------------------------------
+
+VISION_INPUTS = ("pixel_values", "landmarks")
+VISION_OUTPUT = "visual_tokens"
+Shape = tuple[int | None, ...]  # None: a dimension the contract leaves open
+
+
+def vision_graph_io(modality: Modality, landmarks: bool) -> tuple[dict[str, Shape], dict[str, Shape]]:
+    """The vision graph's contract for one modality, with or without the landmarks input.
+
+    Returns ({input name: shape}, {output name: shape}), every tensor float32; None marks the dynamic batch and
+    the LLM's hidden size D, which only the graph knows. Image: pixel_values [B,3,224,224], landmarks [B,68,2]
+    -> visual_tokens [B,256,D]; video: [B,3,8,224,224], [B,8,68,2] -> [B,8,257,D]. Raises ValueError for an
+    unknown modality.
+    """
+    if modality == "image":
+        frames: tuple[int, ...] = ()
+        tokens = IMAGE_TOKENS
+    elif modality == "video":
+        frames = (NUM_FRAMES,)
+        tokens = VIDEO_FRAME_TOKENS
+    else:
+        raise ValueError(f"unknown modality {modality!r}; expected 'image' or 'video'")
+    inputs: dict[str, Shape] = {"pixel_values": (None, 3, *frames, IMAGE_SIZE, IMAGE_SIZE)}
+    if landmarks:
+        inputs["landmarks"] = (None, *frames, NUM_LANDMARKS, 2)
+    return inputs, {VISION_OUTPUT: (None, *frames, tokens, None)}
 
 
 def visual_block_tokens(modality: Modality) -> int:

@@ -515,11 +515,12 @@ class FaceLlava(nn.Module):
     # -- language --------------------------------------------------------------------------------------------
 
     def prompt_ids(self, question: str, modality: contract.Modality = "image") -> list[int]:
-        """The `llava_v1` prompt for a question, tokenized chunk by chunk; visual blocks as IMAGE_TOKEN_INDEX."""
+        """The `llava_v1` prompt for a question, tokenized chunk by chunk; visual blocks as IMAGE_TOKEN_INDEX.
+        The question is text: an `<image>` in it is tokenized as written, never made a visual slot."""
         if self.tokenizer is None:
             raise FaceLlavaError("this checkpoint has no tokenizer.model")
-        prompt = contract.build_prompt(question, modality)
-        return contract.tokenize_prompt(prompt, self.tokenizer.encode, self.config.bos_token_id)
+        return contract.tokenize_chunks(contract.prompt_chunks(question, modality), self.tokenizer.encode,
+                                        self.config.bos_token_id)
 
     def embed_prompt(self, input_ids: Sequence[int], visual_blocks: torch.Tensor | Sequence[torch.Tensor] = ()
                      ) -> torch.Tensor:

@@ -68,13 +68,13 @@ class ChatSession:
         self.llm = llm
         self.stop = tuple(s for s in stop if s)
         # the text before the first visual block is the same for every question
-        prefix_text = contract.build_prompt("", "image").split(contract.IMAGE_PLACEHOLDER)[0]
-        self.prefix_ids = contract.tokenize_prompt(prefix_text, llm.tokenize, llm.bos_id)
+        self.prefix_ids = contract.tokenize_chunks(contract.prompt_chunks("", "image")[:1], llm.tokenize, llm.bos_id)
         self._prefix_cached = False
 
     def prompt_ids(self, question: str, modality: contract.Modality) -> list[int]:
-        """The prompt's ids under the official chunked rule, visual blocks marked by IMAGE_TOKEN_INDEX."""
-        return contract.tokenize_prompt(contract.build_prompt(question, modality), self.llm.tokenize,
+        """The prompt's ids under the official chunked rule, visual blocks marked by IMAGE_TOKEN_INDEX; the
+        question is text (an `<image>` in it is no visual slot)."""
+        return contract.tokenize_chunks(contract.prompt_chunks(question, modality), self.llm.tokenize,
                                         self.llm.bos_id)
 
     def stream(self, question: str, modality: contract.Modality, visual_blocks: Sequence[np.ndarray],
