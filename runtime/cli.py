@@ -54,9 +54,12 @@ def camera_frame(index: int):
 
 def run(args: argparse.Namespace) -> int:
     from facellava.runtime.pipeline import Pipeline
+    from facellava.runtime.session import Sampling, check_max_tokens, check_question
 
-    if not args.question.strip():
-        raise FaceLlavaError("the question is empty")
+    # the API's own checks, made before the bundle is opened and the LLM loaded
+    check_question(args.question)
+    check_max_tokens(args.max_tokens)
+    Sampling(args.temperature, args.top_p, args.top_k, args.seed)
     image = camera_frame(args.camera) if args.camera is not None else args.image
     pipeline = Pipeline.open(args.bundle, vision=args.vision, llm=args.llm, n_gpu_layers=args.n_gpu_layers,
                              vision_precision=args.vision_precision, kv_type=args.kv_cache,

@@ -23,7 +23,7 @@ from facellava import contract
 from facellava.errors import FaceLlavaError
 from facellava.runtime import face, preprocess
 from facellava.runtime.bundle import Bundle
-from facellava.runtime.session import ChatSession, Generation, Sampling
+from facellava.runtime.session import ChatSession, Generation, Sampling, check_max_tokens, check_question
 from facellava.runtime.vision import VisionBackend, open_vision
 
 # the most precise type present is the default: the one whose answers match the reference best
@@ -181,10 +181,13 @@ class Pipeline:
 
         `landmarks` is an official-format .npy (or an array already divided by 256); `no_landmarks` runs the
         model without FRLP/FRGCA. Greedy unless `temperature` > 0. Returns the Answer, or with `stream` an
-        AnswerStream yielding text pieces whose `answer` is set at the end. Raises FaceLlavaError for bad input.
+        AnswerStream yielding text pieces whose `answer` is set at the end. Raises FaceLlavaError for bad input:
+        a question that is empty or not valid text, a sampling value out of range (`Sampling`), `max_tokens` < 1.
         """
-        if not question.strip():
-            raise FaceLlavaError("the question is empty")
+        # checked before the face front end and the vision graph run, so a bad value costs nothing
+        check_question(question)
+        max_tokens = check_max_tokens(max_tokens)
+        sampling = Sampling(temperature, top_p, top_k, seed)
         start = time.perf_counter()
         prepared = self.prepare(image, video, landmarks, no_landmarks, no_face_crop, face_index)
         tokens, prepared.timings.vision_ms = self.vision.encode_timed(prepared.modality, prepared.pixel_values,
@@ -194,8 +197,7 @@ class Pipeline:
             raise FaceLlavaError(f"the vision graph gives {blocks[0].shape[-1]}-wide tokens but the LLM takes "
                                  f"{self.session.llm.n_embd}: the bundle mixes two models; export it again")
         generation = Generation()
-        pieces = self.session.stream(question, prepared.modality, blocks, max_tokens,
-                                     Sampling(temperature, top_p, top_k, seed), generation)
+        pieces = self.session.stream(question, prepared.modality, blocks, max_tokens, sampling, generation)
 
         def finish() -> Answer:
             timings = prepared.timings

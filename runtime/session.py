@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import math
+import numbers
+import operator
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -18,15 +21,80 @@ from facellava import contract
 from facellava.errors import FaceLlavaError
 from facellava.runtime.llm import LlamaModel
 
+# llama.cpp takes seeds as uint32 and reads 0xFFFFFFFF (LLAMA_DEFAULT_SEED) as "pick a random seed", so the
+# largest reproducible seed is one less; top-k is an int32 there
+SEED_MAX = 0xFFFFFFFE
+TOP_K_MAX = 2**31 - 1
+
+
+def _real(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise FaceLlavaError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def _integer(name: str, value: object) -> int:
+    if isinstance(value, bool):
+        raise FaceLlavaError(f"{name} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)  # ints and numpy integers; 1.0 or "3" are refused
+    except TypeError:
+        raise FaceLlavaError(f"{name} must be an integer, got {value!r}") from None
+
+
+def check_max_tokens(max_tokens: object) -> int:
+    """`max_tokens` as an int. Raises FaceLlavaError unless it is an integer of at least 1."""
+    value = _integer("max_tokens", max_tokens)
+    if value < 1:
+        raise FaceLlavaError(f"max_tokens must be at least 1, got {value}")
+    return value
+
+
+def check_question(question: object) -> str:
+    """The question, checked to be text llama.cpp can tokenize. Raises FaceLlavaError for one that is not a str,
+    is empty, or is not valid Unicode: lone surrogates, which is how Python hands over command-line bytes that
+    are not UTF-8 (surrogateescape), cannot be encoded as UTF-8."""
+    if not isinstance(question, str):
+        raise FaceLlavaError(f"the question must be text (str), got {type(question).__name__}")
+    if not question.strip():
+        raise FaceLlavaError("the question is empty")
+    try:
+        question.encode("utf-8")
+    except UnicodeEncodeError as error:
+        code = ord(question[error.start])
+        what = f"the byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"a lone surrogate U+{code:04X}"
+        raise FaceLlavaError(f"the question is not valid UTF-8 text ({what} at character {error.start}); give it "
+                             "as UTF-8") from None
+    return question
+
 
 @dataclass
 class Sampling:
-    """Greedy by default; a temperature above 0 samples with top-k (0: off), top-p (1: off) and a seed."""
+    """Greedy by default; a temperature above 0 samples with top-k (0: off), top-p (1: off) and a seed.
+
+    The values are checked when it is made, the one check for the Python API and the CLI alike: temperature
+    finite and >= 0, top-p in (0, 1], top-k from 0 to 2**31 - 1, seed from 0 to SEED_MAX. Raises FaceLlavaError
+    for any other value (a NaN temperature would otherwise reach llama.cpp and sample from garbage).
+    """
 
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.temperature = _real("temperature", self.temperature)
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise FaceLlavaError(f"temperature must be a finite number >= 0 (0: greedy), got {self.temperature}")
+        self.top_p = _real("top_p", self.top_p)
+        if not 0 < self.top_p <= 1:  # also refuses NaN
+            raise FaceLlavaError(f"top_p must be above 0 and at most 1 (1: off), got {self.top_p}")
+        self.top_k = _integer("top_k", self.top_k)
+        if not 0 <= self.top_k <= TOP_K_MAX:
+            raise FaceLlavaError(f"top_k must be from 0 (off) to {TOP_K_MAX}, got {self.top_k}")
+        self.seed = _integer("seed", self.seed)
+        if not 0 <= self.seed <= SEED_MAX:
+            raise FaceLlavaError(f"seed must be from 0 to {SEED_MAX} (llama.cpp's seeds are 32-bit), got {self.seed}")
 
     def sampler_chain(self) -> ctypes.c_void_p:
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
@@ -38,7 +106,7 @@ class Sampling:
         if self.top_p < 1:
             llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(self.top_p, 1))
         llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(self.temperature))
-        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(self.seed & 0xFFFFFFFF))
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(self.seed))
         return chain
 
 
@@ -82,12 +150,11 @@ class ChatSession:
                result: Generation | None = None) -> Iterator[str]:
         """Yield the answer's text piece by piece; `result` (when given) is filled in as it goes.
 
-        Raises FaceLlavaError for an empty question or a prompt that does not fit the context.
+        Raises FaceLlavaError for a question that is empty or not valid text, `max_tokens` below 1, or a prompt
+        that does not fit the context.
         """
-        if not question.strip():
-            raise FaceLlavaError("the question is empty")
-        if max_tokens < 1:
-            raise FaceLlavaError(f"max_tokens must be at least 1, got {max_tokens}")
+        check_question(question)
+        max_tokens = check_max_tokens(max_tokens)
         result = result if result is not None else Generation()
         ids = self.prompt_ids(question, modality)
         if ids[:len(self.prefix_ids)] != self.prefix_ids:
