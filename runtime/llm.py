@@ -13,7 +13,7 @@ import contextlib
 import ctypes
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import llama_cpp
@@ -27,6 +27,7 @@ from facellava.errors import FaceLlavaError
 _GGML_LOG_LEVEL_WARN = 3
 _recent_log: collections.deque[str] = collections.deque(maxlen=64)
 _verbose = False
+_held: list[str] | None = None  # while a file loads, what would go to stderr waits here (see `_holding_log`)
 
 
 @llama_cpp.llama_log_callback
@@ -34,7 +35,24 @@ def _log_callback(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
     message = text.decode("utf-8", errors="replace")
     _recent_log.append(message)
     if _verbose or (level >= _GGML_LOG_LEVEL_WARN and level != 5):  # 5: continuation of the previous line
-        sys.stderr.write(message)
+        if _held is not None:
+            _held.append(message)
+        else:
+            sys.stderr.write(message)
+
+
+@contextlib.contextmanager
+def _holding_log() -> Iterator[list[str]]:
+    """Hold back llama.cpp's stderr output while it loads a file, and write it out afterwards. A caller that
+    fails clears the list: its FaceLlavaError quotes the last lines (`recent_log`), so the user reads one line
+    instead of llama.cpp's errors followed by the same errors again."""
+    global _held
+    _held = held = []
+    try:
+        yield held
+    finally:
+        _held = None
+        sys.stderr.write("".join(held))
 
 
 _backend_ready = False
@@ -113,9 +131,13 @@ class LlamaModel:
         init_llama_backend(verbose)
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = n_gpu_layers
-        model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
-        if not model:
-            raise FaceLlavaError(f"llama.cpp cannot load {path}: {recent_log()}")
+        with _holding_log() as held:
+            model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
+            if not model:
+                if not _verbose:
+                    held.clear()
+                raise FaceLlavaError(f"llama.cpp cannot load {path} ({recent_log()}): the file is damaged, or needs "
+                                     "a newer llama-cpp-python; export it again or upgrade")
         n_batch = max(1, min(n_batch, n_ctx))
         context_params = llama_cpp.llama_context_default_params()
         context_params.n_ctx = n_ctx
@@ -128,10 +150,14 @@ class LlamaModel:
                                           False: llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED}[flash_attn]
         n_threads = n_threads or usable_cores()
         context_params.n_threads = context_params.n_threads_batch = n_threads
-        context = llama_cpp.llama_init_from_model(model, context_params)
-        if not context:
-            llama_cpp.llama_model_free(model)
-            raise FaceLlavaError(f"llama.cpp cannot create a {n_ctx}-token context for {path}: {recent_log()}")
+        with _holding_log() as held:
+            context = llama_cpp.llama_init_from_model(model, context_params)
+            if not context:
+                llama_cpp.llama_model_free(model)
+                if not _verbose:
+                    held.clear()
+                raise FaceLlavaError(f"llama.cpp cannot create a {n_ctx}-token context for {path} ({recent_log()}); "
+                                     "try a smaller context or fewer GPU layers")
         return cls(path, model, context, n_batch)
 
     @property

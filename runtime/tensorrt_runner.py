@@ -6,7 +6,9 @@ and 11 (the name-based tensor API: `set_input_shape`, `set_tensor_address`, `exe
 
 from __future__ import annotations
 
+import functools
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,29 @@ def cuda_call(result: Any) -> Any:
         name = getattr(error, "name", str(error))
         raise FaceLlavaError(f"CUDA call failed with {name}: no usable NVIDIA GPU or driver")
     return values[0] if len(values) == 1 else tuple(values) or None
+
+
+@functools.cache
+def _collecting_logger(trt: Any) -> Any:
+    """A TensorRT logger that prints warnings to stderr, as `trt.Logger(WARNING)` does, but keeps errors back
+    for the one-line FaceLlavaError that reports them (TensorRT's Python API says only None when it fails).
+    One per process: TensorRT warns when runtimes are created with different loggers."""
+
+    class CollectingLogger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, severity: Any, msg: str) -> None:
+            if severity in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR):
+                self.errors.append(" ".join(str(msg).split()))
+            elif severity == trt.ILogger.Severity.WARNING:
+                sys.stderr.write(f"[TensorRT] {msg}\n")
+
+        def last_error(self) -> str:
+            return self.errors[-1][:300] if self.errors else "no message from TensorRT"
+
+    return CollectingLogger()
 
 
 @dataclass(frozen=True)
@@ -91,17 +116,41 @@ class TensorRTRunner:
         path = Path(engine_path)
         if not path.is_file():
             raise FaceLlavaError(f"engine {path} does not exist; build it with `facellava build-engine`")
-        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._logger = _collecting_logger(trt)
+        self._logger.errors.clear()
         self._runtime = trt.Runtime(self._logger)
-        self.engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+        try:
+            self.engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+        except (RuntimeError, TypeError) as error:  # some builds raise instead of returning None
+            self._logger.errors.append(str(error).strip().splitlines()[0] if str(error).strip() else repr(error))
+            self.engine = None
         if self.engine is None:
-            raise FaceLlavaError(f"TensorRT {trt.__version__} cannot load {path}: engines only run with the "
-                                 "TensorRT version and GPU they were built with; rebuild it here")
+            raise FaceLlavaError(f"TensorRT {trt.__version__} cannot load {path} ({self._logger.last_error()}): "
+                                 "engines only run with the TensorRT version and GPU they were built with; rebuild "
+                                 "it here with `facellava build-engine`")
         self.context = self.engine.create_execution_context()
+        if self.context is None:  # TensorRT 10 returns None when, e.g., the GPU lacks memory for the context
+            raise FaceLlavaError(f"TensorRT cannot create an execution context for {path} "
+                                 f"({self._logger.last_error()}); free GPU memory or rebuild the engine")
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.output_names = [n for n in names if n not in self.input_names]
         self._stream = cuda_call(cudart.cudaStreamCreate())
+
+    def io_specs(self) -> tuple[dict[str, tuple[tuple[int | None, ...], str]],
+                                dict[str, tuple[tuple[int | None, ...], str]]]:
+        """({input name: (shape, numpy type name)}, {output name: ...}) as the engine declares them, None for
+        a dynamic dimension (TensorRT's -1), for checking the engine against a contract before it runs."""
+
+        def spec(name: str) -> tuple[tuple[int | None, ...], str]:
+            shape = tuple(None if int(d) < 0 else int(d) for d in self.engine.get_tensor_shape(name))
+            dtype = self.engine.get_tensor_dtype(name)
+            try:
+                return shape, np.dtype(self._trt.nptype(dtype)).name
+            except TypeError:  # a type numpy has no name for (bfloat16, FP8, INT4)
+                return shape, str(dtype)
+
+        return ({n: spec(n) for n in self.input_names}, {n: spec(n) for n in self.output_names})
 
     def max_batch(self) -> int:
         """The largest batch the engine's optimization profile allows."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -57,6 +58,66 @@ def vision_file(bundle: Bundle, modality: str, precision: str, landmarks: bool) 
     return names[0]
 
 
+# A tensor as a loaded graph or engine declares it: its shape (None where the dimension is dynamic or symbolic)
+# and its element type as a numpy name ("float32").
+TensorSpec = tuple[tuple[int | None, ...], str]
+
+
+def _shape_text(shape: Sequence[int | None]) -> str:
+    return "[" + ",".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def check_vision_io(file: str, modality: contract.Modality, landmarks: bool, inputs: dict[str, TensorSpec],
+                    outputs: dict[str, TensorSpec]) -> None:
+    """Check a loaded vision graph or engine against `contract.vision_graph_io`: the same input and output names,
+    float32, the same ranks, and the contract's size in every dimension the file fixes (a dimension left dynamic
+    is checked when it runs). Raises FaceLlavaError naming the file and the first difference: a graph of
+    another model, modality or landmark variant put under this name would otherwise fail deep in the runtime."""
+    want_inputs, want_outputs = contract.vision_graph_io(modality, landmarks)
+    variant = f"the contract's {modality} vision graph {'with' if landmarks else 'without'} landmarks"
+    problems = []
+    for role, want, have in (("inputs", want_inputs, inputs), ("outputs", want_outputs, outputs)):
+        if set(have) != set(want):
+            problems.append(f"{role} {sorted(have)}, expected {sorted(want)}")
+            continue
+        for name, shape in want.items():
+            have_shape, dtype = have[name]
+            if len(have_shape) != len(shape) or any(
+                    w is not None and h is not None and w != h for w, h in zip(shape, have_shape, strict=True)):
+                problems.append(f"{name} {_shape_text(have_shape)}, expected {_shape_text(shape)}")
+            elif dtype != "float32":
+                problems.append(f"{name} of type {dtype}, expected float32")
+    if problems:
+        raise FaceLlavaError(f"{file} is not {variant} ({'; '.join(problems)}); export the bundle again")
+
+
+def check_vision_output(file: str, modality: contract.Modality, batch: int, tokens: np.ndarray) -> np.ndarray:
+    """The visual tokens a graph or engine returned, checked against the contract's shape for this batch (the
+    dimensions a file may leave dynamic). Raises FaceLlavaError naming the file."""
+    _, outputs = contract.vision_graph_io(modality, landmarks=False)
+    want = (batch, *outputs[contract.VISION_OUTPUT][1:])
+    if tokens.ndim != len(want) or any(w is not None and w != d for w, d in zip(want, tokens.shape, strict=True)):
+        raise FaceLlavaError(f"{file} returned visual tokens of shape {list(tokens.shape)}, expected "
+                             f"{_shape_text(want)}; export the bundle again")
+    return tokens
+
+
+# ONNX Runtime's element types as numpy names (the contract's tensors are all float32)
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+              "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(uint8)": "uint8"}
+
+
+def _ort_specs(node_args: Sequence[Any]) -> dict[str, TensorSpec]:
+    return {arg.name: (tuple(d if isinstance(d, int) else None for d in (arg.shape or ())),
+                       _ORT_TYPES.get(arg.type, arg.type)) for arg in node_args}
+
+
+def _first_line(error: BaseException, limit: int = 300) -> str:
+    """An error's message cut to its first line (ORT and TensorRT messages run over several)."""
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 class OnnxRuntimeVision(VisionBackend):
     """The bundle's ONNX graphs in ONNX Runtime on the best execution provider installed (TensorRT, CUDA,
     CPU); sessions are created on first use of each graph."""
@@ -69,27 +130,43 @@ class OnnxRuntimeVision(VisionBackend):
         self.bundle = bundle
         self.precision = precision
         self.providers = execution_providers(device)
-        self._sessions: dict[tuple[str, bool], Any] = {}
+        self._sessions: dict[tuple[str, bool], tuple[str, Any]] = {}
 
-    def _session(self, modality: str, landmarks: bool) -> Any:
+    def _session(self, modality: contract.Modality, landmarks: bool) -> tuple[str, Any]:
+        """(file name, ONNX Runtime session) of the graph for this modality and landmark use, created on first
+        use and checked against the contract. Raises FaceLlavaError for a graph ORT cannot load or that differs
+        from the contract."""
         key = (modality, landmarks)
         if key not in self._sessions:
             import onnxruntime
 
-            path = self.bundle.path_of(vision_file(self.bundle, modality, self.precision, landmarks))
+            name = vision_file(self.bundle, modality, self.precision, landmarks)
+            path = self.bundle.path_of(name)
             options = onnxruntime.SessionOptions()
             options.log_severity_level = 3
             # ORT's worker threads otherwise spin after each run and take the cores llama.cpp decodes on
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            self._sessions[key] = onnxruntime.InferenceSession(str(path), options, providers=self.providers)
+            try:
+                session = onnxruntime.InferenceSession(str(path), options, providers=self.providers)
+            except Exception as error:  # ORT raises its own pybind types (InvalidProtobuf, Fail, ...) for a bad file
+                raise FaceLlavaError(f"ONNX Runtime cannot load {name} from {self.bundle.path} "
+                                     f"({_first_line(error)}); export the bundle again") from None
+            check_vision_io(name, modality, landmarks, _ort_specs(session.get_inputs()),
+                            _ort_specs(session.get_outputs()))
+            self._sessions[key] = (name, session)
         return self._sessions[key]
 
     def encode(self, modality, pixel_values, landmarks):
-        session = self._session(modality, landmarks is not None)
+        name, session = self._session(modality, landmarks is not None)
         feeds = {"pixel_values": np.ascontiguousarray(pixel_values, dtype=np.float32)}
         if landmarks is not None:
             feeds["landmarks"] = np.ascontiguousarray(landmarks, dtype=np.float32)
-        return session.run(["visual_tokens"], feeds)[0]
+        try:
+            tokens = session.run([contract.VISION_OUTPUT], feeds)[0]
+        except Exception as error:  # a graph that loaded but cannot run the contract's inputs
+            raise FaceLlavaError(f"ONNX Runtime failed to run {name} ({_first_line(error)}); export the bundle "
+                                 "again") from None
+        return check_vision_output(name, modality, len(pixel_values), tokens)
 
 
 class TensorRTVision(VisionBackend):
@@ -123,14 +200,22 @@ class TensorRTVision(VisionBackend):
             raise FaceLlavaError(f"no {self.precision} TensorRT engine for {modality} "
                                  f"{'with' if key[1] else 'without'} landmarks on this device; run "
                                  "`facellava build-engine BUNDLE`")
+        name = self._engines[key]
         if key not in self._runners:
             from facellava.runtime.tensorrt_runner import TensorRTRunner
 
-            self._runners[key] = TensorRTRunner(self.bundle.path_of(self._engines[key]))
+            runner = TensorRTRunner(self.bundle.path_of(name))
+            try:
+                check_vision_io(name, modality, key[1], *runner.io_specs())
+            except FaceLlavaError:
+                runner.close()
+                raise
+            self._runners[key] = runner
         feed = {"pixel_values": pixel_values}
         if landmarks is not None:
             feed["landmarks"] = landmarks
-        return self._runners[key].run(feed)["visual_tokens"].astype(np.float32, copy=False)
+        tokens = self._runners[key].run(feed)[contract.VISION_OUTPUT]
+        return check_vision_output(name, modality, len(pixel_values), tokens)
 
 
 class TorchVision(VisionBackend):
