@@ -13,7 +13,6 @@ this one run.
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import shutil
 import statistics
@@ -25,8 +24,8 @@ import numpy as np
 import onnxruntime
 import torch
 
+from facellava.bundle import Bundle, BundleWriter
 from facellava.export import parity
-from facellava.export.bundle import BundleWriter
 from facellava.export.vision import export_vision_model, vision_only_model
 from facellava.model.modeling import FaceLlavaConfig, TowerConfig
 
@@ -86,15 +85,16 @@ def main() -> None:
 
     try:
         start = time.perf_counter()
-        result = export_vision_model(model, BundleWriter(out), variants=[(m, True) for m in modalities],
-                                     precisions=("fp32", "fp16"), seed=0)
+        with BundleWriter.transaction(out) as writer:
+            result = export_vision_model(model, writer, variants=[(m, True) for m in modalities],
+                                         precisions=("fp32", "fp16"), seed=0)
         export_seconds = time.perf_counter() - start
         export_peak = peak_rss_gb()
         print(f"\nexport of {len(result.files)} graphs: {export_seconds:.0f} s, peak resident memory "
               f"{export_peak:.2f} GB (machine: {Path('/proc/meminfo').read_text().split()[1]} kB)")
-        manifest = json.loads((out / "manifest.json").read_text())
+        manifest = Bundle.open(out).manifest
         for name, entry in result.files.items():
-            data = sum(manifest["files"][d]["bytes"] for d in entry["external_data"])
+            data = sum(manifest.files[d]["bytes"] for d in entry["external_data"])
             steps = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds[name].items())
             record = result.parity[name]
             print(f"  {name:24s} graph {entry['bytes'] / 1e6:8.1f} MB + external data {data / 1e9:5.2f} GB | "

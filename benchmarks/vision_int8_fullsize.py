@@ -12,7 +12,6 @@ the three graphs on the same held-out crop (batch 1) and prints their latency ra
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import shutil
 import statistics
@@ -25,9 +24,9 @@ import onnxruntime
 from PIL import Image, ImageEnhance
 from vision_export_fullsize import full_size_configs, latency
 
+from facellava.bundle import Bundle, BundleWriter
 from facellava.calibration.dataset import build_calibration_set
 from facellava.calibration.int8 import calibrate_vision, held_out_figures
-from facellava.export.bundle import BundleWriter
 from facellava.export.vision import export_vision_model, vision_only_model
 from facellava.runtime.assets import face_photo
 
@@ -56,8 +55,8 @@ def main() -> None:
     try:
         start = time.perf_counter()
         model = vision_only_model(*full_size_configs(), seed=0)
-        export_vision_model(model, BundleWriter(out / "bundle"), variants=[("image", True)],
-                            precisions=("fp32", "fp16"), seed=0)
+        with BundleWriter.transaction(out / "bundle") as writer:
+            export_vision_model(model, writer, variants=[("image", True)], precisions=("fp32", "fp16"), seed=0)
         del model
         print(f"export FP32 + FP16: {time.perf_counter() - start:.0f} s")
 
@@ -67,19 +66,20 @@ def main() -> None:
         entries = calibrate_vision(out / "bundle", data, method=args.method, target_cosine=args.target,
                                    allow_drift=True)
         print(f"INT8 calibration and sensitivity pass: {time.perf_counter() - start:.0f} s")
-        manifest = json.loads((out / "bundle" / "manifest.json").read_text())
+        bundle = Bundle.open(out / "bundle")
+        manifest = bundle.manifest
         calibration = entries["vision_image.int8.onnx"]["calibration"]
         print(f"INT8: {calibration['calibration_samples']} calibration + {calibration['held_out_samples']} held-out "
               f"crops, {calibration['method']}, FP32 groups: {calibration['fp32_groups'] or 'none'}, held-out cosine "
-              f"{manifest['parity']['vision_image.int8.onnx']['cosine']:.5f} "
-              f"({'meets' if manifest['parity']['vision_image.int8.onnx']['passed'] else 'MISSES'} {args.target})")
+              f"{manifest.parity['vision_image.int8.onnx']['cosine']:.5f} "
+              f"({'meets' if manifest.parity['vision_image.int8.onnx']['passed'] else 'MISSES'} {args.target})")
 
         _, held = data.split("image", 0.25, 0)
         feed = data.feeds("image", True, held[:1])[0]
         names = ("vision_image.onnx", "vision_image.fp16.onnx", "vision_image.int8.onnx")
         outputs, times = {}, {}
         for name in names:
-            session = onnxruntime.InferenceSession(str(out / "bundle" / name), providers=["CPUExecutionProvider"])
+            session = onnxruntime.InferenceSession(str(bundle.path_of(name)), providers=["CPUExecutionProvider"])
             outputs[name] = session.run(["visual_tokens"], feed)[0]
             times[name] = latency(lambda s=session: s.run(["visual_tokens"], feed), args.repeats)
             del session
@@ -88,7 +88,7 @@ def main() -> None:
               "on a held-out crop:")
         for name in names:
             ms = statistics.median(times[name]) * 1e3
-            size = sum(manifest["files"][n]["bytes"] for n in [name, *manifest["files"][name]["external_data"]])
+            size = sum(manifest.files[n]["bytes"] for n in [name, *manifest.files[name]["external_data"]])
             cosine = held_out_figures([outputs[name]], [outputs[names[0]]])["cosine"]
             print(f"  {name:26s} {size / 1e9:5.2f} GB  {ms:9.1f} ms  {fp32_ms / ms:5.2f}x FP32's speed  "
                   f"cosine vs FP32 {cosine:.5f}")

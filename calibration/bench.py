@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import csv
 import json
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from facellava.atomic import atomic_file, write_text_atomically
 from facellava.calibration.answers import TASK_PROMPTS
 from facellava.errors import FaceLlavaError
 from facellava.runtime.assets import face_photo
@@ -268,23 +268,7 @@ def _finite(value: Any) -> Any:
 
 
 def _atomic_json(path: Path, data: Any) -> None:
-    temp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        temp.write_text(json.dumps(_finite(data), indent=2) + "\n")
-        os.replace(temp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            temp.unlink()
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    temp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        temp.write_text(text)
-        os.replace(temp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            temp.unlink()
+    write_text_atomically(path, json.dumps(_finite(data), indent=2) + "\n")
 
 
 def run_bench(bundle: str | Path, out_dir: str | Path, images: str | Path | None = None, repeats: int = 3,
@@ -295,8 +279,8 @@ def run_bench(bundle: str | Path, out_dir: str | Path, images: str | Path | None
     the shipped photograph) and write `bench.{json,csv,md,png}` into `out_dir`. Variants already stored in
     `out_dir/variants/` with the same settings are not measured again. Returns the variants' records. Raises
     FaceLlavaError for a bad bundle, variant, image folder, or a repeat count below 1."""
+    from facellava.bundle import Bundle
     from facellava.calibration.dataset import build_calibration_set
-    from facellava.runtime.bundle import Bundle
 
     if repeats < 1:
         raise FaceLlavaError("--repeats must be at least 1")
@@ -310,7 +294,7 @@ def run_bench(bundle: str | Path, out_dir: str | Path, images: str | Path | None
     out = Path(out_dir)
     (out / "variants").mkdir(parents=True, exist_ok=True)
     settings = {"images": [str(p) for p in paths], "repeats": repeats, "question": question,
-                "decode_tokens": decode_tokens, "checkpoint_sha256": opened.manifest["source"]["checkpoint_sha256"]}
+                "decode_tokens": decode_tokens, "checkpoint_sha256": opened.manifest.source.get("checkpoint_sha256")}
     records: dict[str, dict[str, Any]] = {}
     for variant in chosen:
         stored = out / "variants" / f"{variant.name}.json"
@@ -320,7 +304,7 @@ def run_bench(bundle: str | Path, out_dir: str | Path, images: str | Path | None
                 records[variant.name] = record
     todo = [v for v in chosen if v.name not in records]
     if todo:
-        checkpoint = opened.manifest["source"].get("checkpoint")
+        checkpoint = opened.manifest.source.get("checkpoint")
         if not checkpoint or not Path(checkpoint).is_dir():
             raise FaceLlavaError(f"{opened.path}'s source checkpoint {checkpoint!r} is not on this machine; bench "
                                  "measures fidelity against it")
@@ -385,16 +369,14 @@ def write_reports(results: Sequence[dict[str, Any]], out: Path, columns: Sequenc
     _atomic_json(paths["json"], list(results))
     flat = [flatten(r) for r in results]
     fields = list(dict.fromkeys(k for row in flat for k in row))
-    temp = paths["csv"].with_name(f".{paths['csv'].name}.partial")
-    with temp.open("w", newline="") as handle:
+    with atomic_file(paths["csv"]) as temp, temp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(flat)
-    os.replace(temp, paths["csv"])
     lines = ["| " + " | ".join(c.removeprefix("latency.") for c in columns) + " |",
              "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in flat]
-    _atomic_text(paths["md"], "\n".join(lines) + "\n")
+    write_text_atomically(paths["md"], "\n".join(lines) + "\n")
     if plot:
         _plot(results, paths["png"])
     else:
@@ -421,10 +403,9 @@ def _plot(results: Sequence[dict[str, Any]], path: Path) -> None:
     axes.set_title("latency against fidelity")
     axes.legend()
     figure.tight_layout()
-    temp = path.with_name(f".{path.stem}.partial.png")
-    figure.savefig(temp, dpi=100)
+    with atomic_file(path) as temp:
+        figure.savefig(temp, dpi=100, format="png")
     plt.close(figure)
-    os.replace(temp, path)
 
 
 # --- CLI ----------------------------------------------------------------------------------------------------

@@ -186,7 +186,7 @@ def evaluate_bundle(bundle: str | Path, task: str, manifest: str | Path, out_dir
     or variant (before any answer is generated) and for a sample the front end cannot read."""
     from facellava.calibration.bench import bundle_variants, write_reports
     from facellava.calibration.dataset import modality_of
-    from facellava.runtime.bundle import Bundle
+    from facellava.bundle import Bundle
     from facellava.runtime.pipeline import Pipeline
 
     samples = read_manifest(manifest, check_task(task))

@@ -22,16 +22,18 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 from tqdm import tqdm
 
 from facellava import contract
 from facellava.calibration.answers import TASK_MODALITIES, TASK_PROMPTS
 from facellava.errors import FaceLlavaError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 IMATRIX_NAME = "imatrix.gguf"
 CONTINUATION_TOKENS = 16  # greedy tokens after each prompt: the answer's positions are calibrated too
@@ -56,6 +58,8 @@ def questions_for(modality: contract.Modality) -> list[str]:
 def calibration_prompts(model: Any, media: Sequence[Any], progress: bool = True) -> list[CalibrationPrompt]:
     """The visual tokens of each calibration sample (`CalibrationSet.samples`) with an official question of its
     modality, the questions taken in turn."""
+    import torch
+
     cycles = {m: itertools.cycle(questions_for(m)) for m in ("image", "video")}
     prompts = []
     with torch.inference_mode():
@@ -82,6 +86,8 @@ def text_prompt_ids(model: Any, question: str) -> list[int]:
 def gguf_linear_names(model: Any, include_output: bool = False) -> dict[str, str]:
     """{module name in model.llm: GGUF weight name} for every decoder nn.Linear (and lm_head on request), from the
     exporter's tensor table."""
+    from torch import nn
+
     from facellava.export.gguf import tensor_plan
 
     plan = tensor_plan(model.config)
@@ -160,16 +166,15 @@ def calibrate_llm_bundle(bundle: str | Path, data: str | Path, types: str | Sequ
     checked). Returns {"imatrix": details, "parity": {file: figures}}. Raises FaceLlavaError for a bundle without a
     source checkpoint, data without a usable face, or a type or parity problem (the bundle's GGUFs are then left
     as they were)."""
+    from facellava.bundle import Bundle, BundleWriter
     from facellava.calibration.dataset import build_calibration_set
-    from facellava.export.bundle import BundleWriter
     from facellava.export.llm import export_llm_bundle, parse_types
     from facellava.export.quantize import save_imatrix
     from facellava.model.modeling import FaceLlava
-    from facellava.runtime.bundle import Bundle
 
     parse_types(types, have_imatrix=True)  # a bad type name fails before the long work
     opened = Bundle.open(bundle)
-    checkpoint = opened.manifest.get("source", {}).get("checkpoint")
+    checkpoint = opened.manifest.source.get("checkpoint")
     if not checkpoint or not Path(checkpoint).is_dir():
         raise FaceLlavaError(f"{opened.path}'s source checkpoint {checkpoint!r} is not on this machine; the "
                              "importance matrix is computed from it")
@@ -179,17 +184,15 @@ def calibrate_llm_bundle(bundle: str | Path, data: str | Path, types: str | Sequ
     prompts = calibration_prompts(model, media, progress)
     sums, counts, tokens = compute_imatrix(model, prompts, continuation_tokens, include_output, progress)
     del model
-    writer = BundleWriter(opened.path)
-    with writer.staged(IMATRIX_NAME) as temp:
-        save_imatrix(temp, sums, counts, datasets=[str(data)], chunk_count=len(prompts),
-                     chunk_size=max(1, tokens // len(prompts)))
     details = {"prompts": len(prompts), "tokens": tokens, "files_skipped": len(calibration.skipped),
                "images": sum(p.modality == "image" for p in prompts),
                "videos": sum(p.modality == "video" for p in prompts),
                "continuation_tokens": continuation_tokens, "entries": len(sums), "data": str(data)}
-    writer.record(IMATRIX_NAME, "data", content="imatrix", **details)
-    writer.commit()
-    parity = export_llm_bundle(checkpoint, opened.path, types, imatrix=opened.path / IMATRIX_NAME,
+    with BundleWriter.transaction(opened.path, create=False) as writer:
+        save_imatrix(writer.stage(IMATRIX_NAME), sums, counts, datasets=[str(data)], chunk_count=len(prompts),
+                     chunk_size=max(1, tokens // len(prompts)))
+        writer.add(IMATRIX_NAME, "data", content="imatrix", **details)
+    parity = export_llm_bundle(checkpoint, opened.path, types, imatrix=Bundle.open(opened.path).path_of(IMATRIX_NAME),
                                allow_drift=allow_drift, threads=threads, progress=progress)
     return {"imatrix": details, "parity": parity}
 

@@ -34,17 +34,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnx
 from tqdm import tqdm
 
+from facellava.bundle import Bundle, BundleWriter
 from facellava.calibration.dataset import CalibrationSet, build_calibration_set
 from facellava.errors import FaceLlavaError
 from facellava.export import parity
-from facellava.export.bundle import BundleWriter
-from facellava.runtime.bundle import Bundle
+
+if TYPE_CHECKING:
+    import onnx
 
 METHODS = ("minmax", "entropy", "percentile")
 QUANTIZED_OP_TYPES = ("MatMul", "Conv", "Gemm")
@@ -174,6 +175,8 @@ def _save_as(source: Path, target: Path) -> None:
     if not Path(f"{source}.data").exists():
         shutil.move(str(source), str(target))
         return
+    import onnx
+
     model = onnx.load(str(source))
     weights = sum(t.ByteSize() for t in model.graph.initializer)
     if weights <= INLINE_WEIGHT_BYTES:
@@ -205,6 +208,8 @@ def quantize_graph(fp32_path: str | Path, out_path: str | Path, data: Calibratio
     """
     if method not in METHODS:
         raise FaceLlavaError(f"unknown calibration method {method!r}; choose from {', '.join(METHODS)}")
+    import onnx
+
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     groups = node_groups(onnx.load(str(fp32_path), load_external_data=False))
     unknown = [g for g in keep_fp32 if g not in groups]
@@ -304,15 +309,13 @@ def calibrate_vision(bundle: str | Path, data: str | Path | CalibrationSet, *, m
         raise FaceLlavaError(f"the calibration data has fewer than 2 samples of each of the bundle's modalities "
                              f"({', '.join(have)}; {data.skipped_summary()}): add files")
 
-    writer = BundleWriter(opened.path)
-    staging = Path(tempfile.mkdtemp(prefix=".int8-", dir=opened.path))
     entries: dict[str, dict[str, Any]] = {}
     records: dict[str, dict[str, Any]] = {}
-    try:
+    with BundleWriter.transaction(opened.path, create=False) as writer:
         for fp32_name in todo:
             source, name = graphs[fp32_name], int8_file_name(fp32_name)
             start = time.perf_counter()
-            result = quantize_graph(opened.path_of(fp32_name), staging / name, data, source["modality"],
+            result = quantize_graph(writer.bundle.path_of(fp32_name), writer.stage(name), data, source["modality"],
                                     source["landmarks"], method=method, target_cosine=target_cosine,
                                     keep_fp32=keep_fp32, held_out=held_out, seed=seed, progress=progress)
             calib_rows, held_rows = data.split(source["modality"], held_out, seed)
@@ -338,34 +341,13 @@ def calibrate_vision(bundle: str | Path, data: str | Path | CalibrationSet, *, m
                 "quantizer": f"onnxruntime.quantization.quantize_static {_version('onnxruntime')} (QDQ, symmetric "
                              "int8 activations, symmetric per-channel int8 weights, MatMul/Conv/Gemm)",
                 "calibration": calibration}
-            data_file = staging / f"{name}.data"
-            if data_file.exists():
-                entries[name]["external_data"] = [data_file.name]
-        _publish(writer, staging, entries, records)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return {name: writer.manifest["files"][name] for name in entries}
-
-
-def _publish(writer: BundleWriter, staging: Path, entries: dict[str, dict[str, Any]],
-             records: dict[str, dict[str, Any]]) -> None:
-    """Move the staged INT8 graphs in (replacing earlier ones and the engines built from them), record them, and
-    commit the manifest."""
-    files = writer.manifest["files"]
-    doomed = {n for n in entries if n in files}
-    doomed |= {n for n, e in files.items() if e.get("part_of") in doomed}
-    doomed |= {n for n, e in files.items() if e.get("kind") == "engine" and e.get("source") in entries}
-    writer.forget(sorted(doomed))
-    for name, entry in entries.items():
-        for data_name in entry["external_data"]:
-            with writer.staged(data_name) as temp:
-                shutil.move(str(staging / data_name), str(temp))
-            writer.record(data_name, "data", part_of=name)
-        with writer.staged(name) as temp:
-            shutil.move(str(staging / name), str(temp))
-        writer.record(name, **entry)
-        writer.record_parity(name, records[name])
-    writer.commit()
+            if writer.stage(f"{name}.data").exists():
+                entries[name]["external_data"] = [f"{name}.data"]
+        for name, entry in entries.items():  # replacing an earlier INT8 graph drops its engines at commit
+            for data_name in entry["external_data"]:
+                writer.add(data_name, "data", part_of=name)
+            writer.add(name, parity=records[name], **entry)
+    return {name: writer.manifest.files[name] for name in entries}
 
 
 def _version(package: str) -> str:

@@ -16,8 +16,6 @@ the model is never held whole: peak memory is about one tensor, whatever the che
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,8 +27,9 @@ import torch
 from tqdm import tqdm
 
 from facellava import contract
+from facellava.atomic import atomic_file
+from facellava.bundle import checkpoint_fingerprint
 from facellava.errors import FaceLlavaError
-from facellava.export.bundle import checkpoint_fingerprint
 from facellava.model.loading import (
     IGNORED_KEYS,
     TOKENIZER_NAME,
@@ -329,7 +328,7 @@ def convert_to_gguf(checkpoint_dir: str | Path, out_path: str | Path, out_type: 
 
     Takes the checkpoint directory (official layout: `config.json`, `.bin` or safetensors shards,
     `tokenizer.model`), the output path, the output type ("f32" or "f16"), the checkpoint's fingerprint for
-    `general.source.checkpoint_sha256` (`export.bundle.checkpoint_fingerprint`; computed when not given, which
+    `general.source.checkpoint_sha256` (`facellava.bundle.checkpoint_fingerprint`; computed when not given, which
     reads every file once), a `general.name`, and whether to show a progress bar. The file is written under a
     temporary name beside `out_path` and renamed when whole. Returns a GgufSummary. Raises FaceLlavaError for
     an unknown type, a checkpoint that is not Face-LLaVA or whose LLM is not LLaMA-shaped, a missing or unusable
@@ -355,30 +354,24 @@ def convert_to_gguf(checkpoint_dir: str | Path, out_path: str | Path, out_type: 
         item_dtype = np.dtype(np.float32 if len(item.shape) == 1 else out.numpy_dtype)
         writer.add_tensor_info(item.name, item.shape, item_dtype, int(np.prod(item.shape)) * item_dtype.itemsize)
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    partial = out_path.with_name(f".{out_path.name}.partial")
     parameters = 0
-    try:
-        writer.write_header_to_file(partial)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        bar = tqdm(weights.iter_by_shard(order), total=len(order), desc=f"GGUF {out_type}", unit="tensor",
-                   disable=not progress)
-        for key, tensor in bar:
-            item = plan[key]
-            if tuple(tensor.shape) != item.shape:
-                raise FaceLlavaError(f"the checkpoint's LLM is not LLaMA-shaped: {key} has shape "
-                                     f"{tuple(tensor.shape)}, config.json implies {item.shape}")
-            writer.write_tensor_data(_gguf_array(tensor, item, out))
-            parameters += tensor.numel()
-            del tensor
-            weights.release(key)  # the shard's mapped pages go with it: memory stays at about one tensor
-        writer.close()
-        os.replace(partial, out_path)
-    except BaseException:
-        writer.close()
-        with contextlib.suppress(FileNotFoundError):
-            partial.unlink()
-        raise
+    with atomic_file(out_path) as partial:
+        try:
+            writer.write_header_to_file(partial)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            bar = tqdm(weights.iter_by_shard(order), total=len(order), desc=f"GGUF {out_type}", unit="tensor",
+                       disable=not progress)
+            for key, tensor in bar:
+                item = plan[key]
+                if tuple(tensor.shape) != item.shape:
+                    raise FaceLlavaError(f"the checkpoint's LLM is not LLaMA-shaped: {key} has shape "
+                                         f"{tuple(tensor.shape)}, config.json implies {item.shape}")
+                writer.write_tensor_data(_gguf_array(tensor, item, out))
+                parameters += tensor.numel()
+                del tensor
+                weights.release(key)  # the shard's mapped pages go with it: memory stays at about one tensor
+        finally:
+            writer.close()
     return GgufSummary(out_path, out_type, len(order), parameters, stripped)
 

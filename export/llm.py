@@ -9,18 +9,14 @@ them passed (or the user allowed drift); the manifest is rewritten last.
 
 from __future__ import annotations
 
-import contextlib
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
+from facellava.bundle import BundleWriter
 from facellava.errors import FaceLlavaError
-from facellava.export import llm_parity
-from facellava.export.bundle import BundleWriter
-from facellava.export.gguf import OUTPUT_TYPES, convert_to_gguf, inspect_checkpoint
 from facellava.export.quantize import (
     QUANT_TYPES,
     check_imatrix_fits,
@@ -28,6 +24,9 @@ from facellava.export.quantize import (
     load_imatrix,
     quantize_gguf,
 )
+
+if TYPE_CHECKING:
+    from facellava.export import llm_parity
 
 DEFAULT_TYPES = ("f16", "q8_0", "q4_k_m")
 QUANTIZATION_SOURCE = "f16"  # what llama.cpp quantizes from, as its own workflow does
@@ -42,6 +41,8 @@ def parse_types(types: str | Iterable[str], have_imatrix: bool) -> list[str]:
     """Check and normalize the requested GGUF types ("f16,q8_0" or a list): lower case, no repeats, F32/F16 first.
     Raises FaceLlavaError for an unknown name (listing the valid ones), an importance-matrix type without
     an importance matrix, or an empty list."""
+    from facellava.export.gguf import OUTPUT_TYPES
+
     names = types.split(",") if isinstance(types, str) else list(types)
     chosen: list[str] = []
     for name in (n.strip().lower() for n in names):
@@ -75,6 +76,8 @@ def export_llm_bundle(checkpoint_dir: str | Path, bundle_dir: str | Path, types:
     importance matrix, and, unless `allow_drift`, when a file misses its limits (with the numbers); the bundle
     is then left as it was.
     """
+    from facellava.export import llm_parity
+    from facellava.export.gguf import inspect_checkpoint
     from facellava.model.modeling import FaceLlava
 
     chosen = parse_types(types, imatrix is not None)
@@ -93,33 +96,22 @@ def export_llm_bundle(checkpoint_dir: str | Path, bundle_dir: str | Path, types:
     reference = llm_parity.build_reference(model, prompts, progress=progress)
     del model
 
-    bundle_path = Path(bundle_dir)
-    created = not bundle_path.exists()
-    bundle = BundleWriter(bundle_path)
-    try:
+    with BundleWriter.transaction(bundle_dir) as bundle:
         bundle.set_source(checkpoint_dir, llm={
             "architecture": "llama", "hidden_size": config.hidden_size, "layers": config.num_hidden_layers,
             "heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
             "intermediate_size": config.intermediate_size, "vocab_size": config.vocab_size,
             "context_length": config.max_position_embeddings})
-        fingerprint = bundle.manifest["source"]["checkpoint_sha256"]
+        fingerprint = bundle.manifest.source["checkpoint_sha256"]
         results = _write_checked_files(bundle, checkpoint_dir, chosen, fingerprint, imatrix, imatrix_data,
                                        reference, allow_drift, threads, progress)
-    except BaseException:
-        if created:
-            with contextlib.suppress(OSError):
-                bundle_path.rmdir()  # only if the failed export left it empty, as it should
-        raise
-    for gguf_type, (summary, figures) in results.items():
-        name = gguf_name(gguf_type)
-        details: dict[str, Any] = {"type": gguf_type, "tensors": summary["tensors"],
-                                   "parameters": summary["parameters"]}
-        if gguf_type in QUANT_TYPES:
-            details["quantized_from"] = QUANTIZATION_SOURCE
-            details["imatrix"] = Path(imatrix).name if imatrix else None
-        bundle.record(name, "llm", **details)
-        bundle.record_parity(name, figures)
-    bundle.commit()
+        for gguf_type, (summary, figures) in results.items():
+            details: dict[str, Any] = {"type": gguf_type, "tensors": summary["tensors"],
+                                       "parameters": summary["parameters"]}
+            if gguf_type in QUANT_TYPES:
+                details["quantized_from"] = QUANTIZATION_SOURCE
+                details["imatrix"] = Path(imatrix).name if imatrix else None
+            bundle.add(gguf_name(gguf_type), "llm", parity=figures, **details)
     return {gguf_name(t): figures for t, (_, figures) in results.items()}
 
 
@@ -127,41 +119,42 @@ def _write_checked_files(bundle: BundleWriter, checkpoint_dir: Path, chosen: lis
                          imatrix: str | Path | None, imatrix_data: Any, reference: llm_parity.Reference,
                          allow_drift: bool, threads: int, progress: bool
                          ) -> dict[str, tuple[dict[str, int], dict[str, Any]]]:
-    """Write, quantize and measure every file under staged names; rename them only if all are accepted."""
+    """Write, quantize and measure every file in the transaction's staging; raise (nothing is committed) unless
+    all are accepted."""
+    from facellava.export import llm_parity
+    from facellava.export.gguf import OUTPUT_TYPES, convert_to_gguf
+
     quantized = [t for t in chosen if t in QUANT_TYPES]
     steps = tqdm(total=len(chosen) * 2 + (QUANTIZATION_SOURCE not in chosen and bool(quantized)),
                  desc="export llm", unit="step", disable=not progress)
     results: dict[str, tuple[dict[str, int], dict[str, Any]]] = {}
-    with contextlib.ExitStack() as stack:
-        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".llm-work-", dir=bundle.path)))
-        paths = {t: stack.enter_context(bundle.staged(gguf_name(t))) for t in chosen}
-        summaries: dict[str, dict[str, int]] = {}
-        conversions = [t for t in OUTPUT_TYPES if t in chosen]
-        if quantized and QUANTIZATION_SOURCE not in chosen:
-            conversions.append(QUANTIZATION_SOURCE)
-        for gguf_type in conversions:
-            steps.set_postfix_str(f"convert {gguf_type}")
-            target = paths.get(gguf_type, work / gguf_name(gguf_type))
-            summary = convert_to_gguf(checkpoint_dir, target, gguf_type, source_sha256=fingerprint,
-                                      progress=progress)
-            summaries[gguf_type] = {"tensors": summary.tensors, "parameters": summary.parameters}
-            steps.update()
-        source = paths.get(QUANTIZATION_SOURCE, work / gguf_name(QUANTIZATION_SOURCE))
-        for gguf_type in quantized:
-            steps.set_postfix_str(f"quantize {gguf_type}")
-            quantize_gguf(source, paths[gguf_type], gguf_type, imatrix=imatrix_data,
-                          imatrix_source=Path(imatrix).name if imatrix else "", threads=threads)
-            summaries[gguf_type] = summaries[QUANTIZATION_SOURCE]
-            steps.update()
-        misses = []
-        for gguf_type in chosen:
-            steps.set_postfix_str(f"parity {gguf_type}")
-            figures = llm_parity.measure_gguf(paths[gguf_type], reference)
-            misses += [f"{gguf_type}: {miss}" for miss in llm_parity.judge(gguf_type, figures)]
-            results[gguf_type] = (summaries[gguf_type], figures)
-            steps.update()
-        steps.close()
-        if misses and not allow_drift:
-            raise FaceLlavaError(f"parity with PyTorch missed: {'; '.join(misses)}; nothing was written "
-                                 "(pass --allow-drift to keep such files)")
+    paths = {t: bundle.stage(gguf_name(t)) for t in chosen}
+    summaries: dict[str, dict[str, int]] = {}
+    conversions = [t for t in OUTPUT_TYPES if t in chosen]
+    if quantized and QUANTIZATION_SOURCE not in chosen:
+        conversions.append(QUANTIZATION_SOURCE)  # staged, never added: discarded with the staging
+    for gguf_type in conversions:
+        steps.set_postfix_str(f"convert {gguf_type}")
+        target = paths.get(gguf_type) or bundle.stage(gguf_name(gguf_type))
+        summary = convert_to_gguf(checkpoint_dir, target, gguf_type, source_sha256=fingerprint, progress=progress)
+        summaries[gguf_type] = {"tensors": summary.tensors, "parameters": summary.parameters}
+        steps.update()
+    source = bundle.stage(gguf_name(QUANTIZATION_SOURCE))
+    for gguf_type in quantized:
+        steps.set_postfix_str(f"quantize {gguf_type}")
+        quantize_gguf(source, paths[gguf_type], gguf_type, imatrix=imatrix_data,
+                      imatrix_source=Path(imatrix).name if imatrix else "", threads=threads)
+        summaries[gguf_type] = summaries[QUANTIZATION_SOURCE]
+        steps.update()
+    misses = []
+    for gguf_type in chosen:
+        steps.set_postfix_str(f"parity {gguf_type}")
+        figures = llm_parity.measure_gguf(paths[gguf_type], reference)
+        misses += [f"{gguf_type}: {miss}" for miss in llm_parity.judge(gguf_type, figures)]
+        results[gguf_type] = (summaries[gguf_type], figures)
+        steps.update()
+    steps.close()
+    if misses and not allow_drift:
+        raise FaceLlavaError(f"parity with PyTorch missed: {'; '.join(misses)}; nothing was written "
+                             "(pass --allow-drift to keep such files)")
     return results

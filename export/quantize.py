@@ -9,9 +9,7 @@ one (entries of name, call count and values). `save_imatrix` writes the GGUF for
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import os
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from facellava.atomic import atomic_file
 from facellava.errors import FaceLlavaError
 
 
@@ -171,16 +170,11 @@ def save_imatrix(path: str | Path, sums: Mapping[str, np.ndarray], counts: Mappi
     for name in sorted(sums):
         writer.add_tensor(name + IMATRIX_SUMS_SUFFIX, np.asarray(sums[name], dtype=np.float32).reshape(1, -1))
         writer.add_tensor(name + IMATRIX_COUNTS_SUFFIX, np.array([[counts[name]]], dtype=np.float32))
-    partial = path.with_name(f".{path.name}.partial")
-    try:
+    with atomic_file(path) as partial:
         writer.write_header_to_file(partial)
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(partial, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            partial.unlink()
 
 
 def gguf_matrix_columns(gguf_path: str | Path) -> dict[str, int]:
@@ -251,14 +245,9 @@ def quantize_gguf(source: str | Path, out_path: str | Path, type_name: str,
         overrides[1].value.val_i64 = len(imatrix)
         params.kv_overrides = overrides
         keep_alive += [entries, overrides]
-    partial = out_path.with_name(f".{out_path.name}.partial")
-    try:
+    with atomic_file(out_path) as partial:
         status = llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), ctypes.byref(params))
         if status != 0:
             raise FaceLlavaError(f"llama.cpp could not quantize {source.name} to {key}: {recent_log()}")
-        os.replace(partial, out_path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            partial.unlink()
     del keep_alive
     return out_path

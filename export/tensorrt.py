@@ -10,11 +10,9 @@ graph, and is recorded in the manifest. Torch-free: it runs where only the runti
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,9 +21,9 @@ from typing import Any
 from tqdm import tqdm
 
 from facellava import contract
+from facellava.bundle import BundleWriter
 from facellava.errors import FaceLlavaError
 from facellava.export import parity
-from facellava.export.bundle import BundleWriter
 from facellava.runtime.tensorrt_runner import GpuInfo, TensorRTRunner, gpu_info, import_tensorrt
 
 ENGINES_DIR = "engines"
@@ -99,17 +97,6 @@ def _thresholds(entry: dict[str, Any]) -> dict[str, float] | None:
     return {"cosine": float(entry.get("calibration", {}).get("target_cosine", 0.99))}
 
 
-def _verified(writer: BundleWriter, name: str) -> Path:
-    """The path of a bundle file whose sha256 (and its external data's) matches the manifest."""
-    files = writer.manifest["files"]
-    for part in [name, *files[name].get("external_data", [])]:
-        path = writer.path / part
-        if not path.is_file() or part not in files or contract.file_sha256(path) != files[part]["sha256"]:
-            raise FaceLlavaError(f"{path} is missing or does not match the manifest's sha256; export the vision "
-                                 "graphs again")
-    return writer.path / name
-
-
 def build_engines(bundle: str | Path, *, modalities: str | Sequence[str] = parity.MODALITIES,
                   precisions: str | Sequence[str] = parity.ENGINE_PRECISIONS, max_batch: int = 4, opt_batch: int = 1,
                   workspace_gb: float = 2.0, allow_drift: bool = False, seed: int | None = None,
@@ -126,71 +113,62 @@ def build_engines(bundle: str | Path, *, modalities: str | Sequence[str] = parit
     precisions = parity.parse_choices(precisions, parity.ENGINE_PRECISIONS, "precision")
     if not 1 <= opt_batch <= max_batch:
         raise FaceLlavaError(f"need 1 <= opt batch <= max batch, got {opt_batch} and {max_batch}")
-    if Path(bundle).exists() and not Path(bundle).is_dir():
-        raise FaceLlavaError(f"bundle path {bundle} is a file; give a bundle directory")
-    if not (Path(bundle) / contract.MANIFEST_NAME).is_file():
+    if not Path(bundle).is_dir() or not (Path(bundle) / contract.MANIFEST_NAME).is_file():
         raise FaceLlavaError(f"{bundle} is not a bundle (no {contract.MANIFEST_NAME}); run `facellava export "
                              "vision` first")
-    writer = BundleWriter(bundle)
-    files = writer.manifest["files"]
+    with BundleWriter.transaction(bundle, create=False) as writer:
+        return _build_into(writer, modalities, precisions, max_batch, opt_batch, workspace_gb, allow_drift, seed,
+                           progress)
+
+
+def _build_into(writer: BundleWriter, modalities: Sequence[str], precisions: Sequence[str], max_batch: int,
+                opt_batch: int, workspace_gb: float, allow_drift: bool, seed: int | None,
+                progress: bool) -> dict[str, dict[str, Any]]:
+    files = writer.bundle.files
     graphs = [name for name, entry in files.items() if entry.get("kind") == "vision"
               and entry["modality"] in modalities and entry["precision"] in precisions]
     if not graphs:
-        raise FaceLlavaError(f"{bundle} has no vision graphs for {','.join(modalities)} at "
+        raise FaceLlavaError(f"{writer.path} has no vision graphs for {','.join(modalities)} at "
                              f"{','.join(precisions)}; run `facellava export vision` first")
     trt = import_tensorrt()
     gpu = gpu_info(0)
     folder = engine_dir(gpu, trt.__version__)
     seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
-    (writer.path / folder).mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".engines-", dir=writer.path / folder))
-    cache_path = writer.path / folder / TIMING_CACHE_NAME
-    staged_cache = staging / TIMING_CACHE_NAME
-    if cache_path.is_file():
-        shutil.copyfile(cache_path, staged_cache)
+    cache_name = f"{folder}/{TIMING_CACHE_NAME}"
+    staged_cache = writer.stage(cache_name)
+    if cache_name in files:
+        shutil.copyfile(writer.bundle.path_of(cache_name), staged_cache)
     entries: dict[str, dict[str, Any]] = {}
     records: dict[str, dict[str, Any]] = {}
-    try:
-        for name in tqdm(graphs, desc="build engines", unit="engine", disable=not progress):
-            source = files[name]
-            onnx_path = _verified(writer, name)
-            engine_file = engine_name(name)
-            details = build_engine(onnx_path, staging / engine_file, max_batch=max_batch, opt_batch=opt_batch,
-                                   workspace_bytes=int(workspace_gb * (1 << 30)), timing_cache=staged_cache)
-            reference_name = next((n for n, e in files.items() if e.get("kind") == "vision"
-                                   and e["precision"] == "fp32" and e["modality"] == source["modality"]
-                                   and e["landmarks"] == source["landmarks"]), name)
-            inputs = parity.parity_inputs(source["modality"], source["landmarks"], seed,
-                                          random_batch=min(parity.RANDOM_BATCH, max_batch))
-            references = parity.run_onnx(_verified(writer, reference_name), inputs)
-            with TensorRTRunner(staging / engine_file) as runner:
-                outputs = {key: runner.run(feed)["visual_tokens"] for key, feed in inputs.items()}
-            per_input = {key: parity.compare(outputs[key], references[key]) for key in inputs}
-            rel = f"{folder}/{engine_file}"
-            records[rel] = {"reference": f"onnxruntime CPUExecutionProvider on {reference_name}", "seed": seed,
-                            **parity.judge(per_input, source["precision"], _thresholds(source))}
-            entries[rel] = {
-                "kind": "engine", "modality": source["modality"], "precision": source["precision"],
-                "landmarks": source["landmarks"], "inputs": source["inputs"], "outputs": source["outputs"],
-                "source": name, "source_onnx_sha256": source["sha256"], "gpu": gpu.name,
-                "compute_capability": gpu.compute_capability, **details}
-            (staging / f"{engine_file}.json").write_text(json.dumps(
-                {k: v for k, v in entries[rel].items() if k != "kind"}, indent=2) + "\n")
-        misses = [parity.describe_miss(n, r) for n, r in records.items() if not r["passed"]]
-        if misses and not allow_drift:
-            raise FaceLlavaError(misses[0] + (f" (and {len(misses) - 1} more)" if len(misses) > 1 else ""))
-        for rel, entry in entries.items():
-            writer.forget([rel, f"{rel}.json"])
-            for part in (rel, f"{rel}.json"):
-                os.replace(staging / Path(part).name, writer.path / part)
-            writer.record(rel, **entry)
-            writer.record(f"{rel}.json", "data", part_of=rel)
-            writer.record_parity(rel, records[rel])
-        os.replace(staged_cache, cache_path)
-        writer.record(f"{folder}/{TIMING_CACHE_NAME}", "timing_cache", tensorrt=trt.__version__, gpu=gpu.name)
-        writer.commit()
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        with contextlib.suppress(OSError):  # a folder this call made and left empty
-            (writer.path / folder).rmdir()
-    return {rel: writer.manifest["files"][rel] for rel in entries}
+    for name in tqdm(graphs, desc="build engines", unit="engine", disable=not progress):
+        source = files[name]
+        rel = f"{folder}/{engine_name(name)}"
+        engine_path = writer.stage(rel)
+        details = build_engine(writer.bundle.path_of(name), engine_path, max_batch=max_batch, opt_batch=opt_batch,
+                               workspace_bytes=int(workspace_gb * (1 << 30)), timing_cache=staged_cache)
+        reference_name = next((n for n, e in files.items() if e.get("kind") == "vision"
+                               and e["precision"] == "fp32" and e["modality"] == source["modality"]
+                               and e["landmarks"] == source["landmarks"]), name)
+        inputs = parity.parity_inputs(source["modality"], source["landmarks"], seed,
+                                      random_batch=min(parity.RANDOM_BATCH, max_batch))
+        references = parity.run_onnx(writer.bundle.path_of(reference_name), inputs)
+        with TensorRTRunner(engine_path) as runner:
+            outputs = {key: runner.run(feed)["visual_tokens"] for key, feed in inputs.items()}
+        per_input = {key: parity.compare(outputs[key], references[key]) for key in inputs}
+        records[rel] = {"reference": f"onnxruntime CPUExecutionProvider on {reference_name}", "seed": seed,
+                        **parity.judge(per_input, source["precision"], _thresholds(source))}
+        entries[rel] = {
+            "kind": "engine", "modality": source["modality"], "precision": source["precision"],
+            "landmarks": source["landmarks"], "inputs": source["inputs"], "outputs": source["outputs"],
+            "source": name, "source_onnx_sha256": source["sha256"], "gpu": gpu.name,
+            "compute_capability": gpu.compute_capability, **details}
+        writer.stage(f"{rel}.json").write_text(json.dumps(
+            {k: v for k, v in entries[rel].items() if k != "kind"}, indent=2) + "\n")
+    misses = [parity.describe_miss(n, r) for n, r in records.items() if not r["passed"]]
+    if misses and not allow_drift:
+        raise FaceLlavaError(misses[0] + (f" (and {len(misses) - 1} more)" if len(misses) > 1 else ""))
+    for rel, entry in entries.items():
+        writer.add(rel, parity=records[rel], **entry)
+        writer.add(f"{rel}.json", "data", part_of=rel)
+    writer.add(cache_name, "timing_cache", tensorrt=trt.__version__, gpu=gpu.name)
+    return {rel: writer.manifest.files[rel] for rel in entries}

@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,9 +33,9 @@ from torch import nn
 from tqdm import tqdm
 
 from facellava import contract
+from facellava.bundle import BundleWriter
 from facellava.errors import FaceLlavaError
 from facellava.export import parity
-from facellava.export.bundle import BundleWriter
 from facellava.model.modeling import FaceLlava, FaceLlavaConfig, TowerConfig
 
 MODALITIES, PRECISIONS, OUTPUT_NAME = parity.MODALITIES, parity.PRECISIONS, parity.OUTPUT_NAME
@@ -52,7 +49,6 @@ EXTERNAL_DATA_THRESHOLD = 1 << 30
 # Ops the FP16 graph keeps in FP32: normalization statistics and softmax sums overflow or lose too much in FP16.
 # With these two blocked the tiny model reaches cosine 0.9999998 (the residual adds can stay FP16).
 FP16_KEEP_FP32_OPS = ("LayerNormalization", "Softmax")
-VISION_FILE = re.compile(r"^vision_(image|video)(_nolm)?(\.fp16)?\.onnx(\.data)?$")
 
 
 # --- the graph ----------------------------------------------------------------------------------------------
@@ -299,12 +295,6 @@ class VisionExport:
     seconds: dict[str, dict[str, float]]
 
 
-def _check_bundle_path(bundle: str | Path) -> None:
-    path = Path(bundle)
-    if path.exists() and not path.is_dir():
-        raise FaceLlavaError(f"bundle path {path} is a file; give a directory")
-
-
 def export_vision(checkpoint_dir: str | Path, bundle: str | Path, *, image_tower: str | Path | None = None,
                   video_tower: str | Path | None = None, modalities: str | Sequence[str] = MODALITIES,
                   precisions: str | Sequence[str] = PRECISIONS, landmarks: bool | None = None,
@@ -323,21 +313,16 @@ def export_vision(checkpoint_dir: str | Path, bundle: str | Path, *, image_tower
     """
     modalities = parity.parse_choices(modalities, MODALITIES, "modality")
     precisions = parity.parse_choices(precisions, PRECISIONS, "precision")
-    _check_bundle_path(bundle)
+    if Path(bundle).exists() and not Path(bundle).is_dir():
+        raise FaceLlavaError(f"bundle path {bundle} is a file; give a directory")
     model = load_vision_model(checkpoint_dir, image_tower=image_tower, video_tower=video_tower)
     variants = _variants(model, modalities, landmarks)  # raises before the bundle is touched
-    created = not Path(bundle).exists()
-    try:
-        writer = BundleWriter(bundle)
+    with BundleWriter.transaction(bundle) as writer:
         writer.set_source(checkpoint_dir, vision={"hidden_size": model.config.hidden_size,
                                                   "cross_attn_type": model.config.cross_attn_type,
                                                   "branch_scale": model.config.branch_scale})
         return export_vision_model(model, writer, variants=variants, precisions=precisions, allow_drift=allow_drift,
                                    face_photo=face_photo, seed=seed, progress=progress)
-    except BaseException:
-        if created:  # a bundle directory this call made and could not fill
-            shutil.rmtree(bundle, ignore_errors=True)
-        raise
 
 
 def _variants(model: FaceLlava, modalities: Sequence[str], landmarks: bool | None) -> list[tuple[str, bool]]:
@@ -360,93 +345,71 @@ def export_vision_model(model: FaceLlava, writer: BundleWriter, *, variants: Seq
     replaces) are replaced as a whole: files of an earlier export that this one does not produce are deleted."""
     seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
     steps = len(variants) * (2 + len(precisions) + ("fp16" in precisions))
-    staging = Path(tempfile.mkdtemp(prefix=".vision-", dir=writer.path))
+    staging = writer.staging
     entries: dict[str, dict[str, Any]] = {}
     records: dict[str, dict[str, Any]] = {}
     seconds: dict[str, dict[str, float]] = {}
-    try:
-        with tqdm(total=steps, desc="export vision", unit="step", disable=not progress) as bar:
-            for modality, with_landmarks in variants:
-                graph = VisionGraph(model, modality, with_landmarks).eval()
-                inputs = parity.parity_inputs(modality, with_landmarks, seed, face_photo)
-                bar.set_postfix_str(f"{modality}{'' if with_landmarks else ' no landmarks'}: PyTorch reference")
-                with torch.no_grad():
-                    references = {name: graph(*(torch.from_numpy(feed[n]) for n in graph.input_names)).numpy()
-                                  for name, feed in inputs.items()}
-                bar.update()
-                fp32_name = vision_file_name(modality, with_landmarks, "fp32")
-                bar.set_postfix_str(f"{fp32_name}: export")
-                start = time.perf_counter()
-                details = export_onnx(graph, staging / fp32_name, inputs["random"])
-                seconds[fp32_name] = {"export": time.perf_counter() - start}
-                bar.update()
-                for precision in precisions:
-                    name = vision_file_name(modality, with_landmarks, precision)
-                    seconds.setdefault(name, {})
-                    if precision == "fp16":
-                        bar.set_postfix_str(f"{name}: convert")
-                        start = time.perf_counter()
-                        details16 = convert_fp16(staging / fp32_name, staging / name)
-                        seconds[name]["fp16"] = time.perf_counter() - start
-                        bar.update()
-                        entry_details = {**details16, "source": fp32_name}
-                    else:
-                        entry_details = {"external_data": details["external_data"], "nodes": details["nodes"]}
-                    bar.set_postfix_str(f"{name}: parity")
+    with tqdm(total=steps, desc="export vision", unit="step", disable=not progress) as bar:
+        for modality, with_landmarks in variants:
+            graph = VisionGraph(model, modality, with_landmarks).eval()
+            inputs = parity.parity_inputs(modality, with_landmarks, seed, face_photo)
+            bar.set_postfix_str(f"{modality}{'' if with_landmarks else ' no landmarks'}: PyTorch reference")
+            with torch.no_grad():
+                references = {name: graph(*(torch.from_numpy(feed[n]) for n in graph.input_names)).numpy()
+                              for name, feed in inputs.items()}
+            bar.update()
+            fp32_name = vision_file_name(modality, with_landmarks, "fp32")
+            bar.set_postfix_str(f"{fp32_name}: export")
+            start = time.perf_counter()
+            details = export_onnx(graph, staging / fp32_name, inputs["random"])
+            seconds[fp32_name] = {"export": time.perf_counter() - start}
+            bar.update()
+            for precision in precisions:
+                name = vision_file_name(modality, with_landmarks, precision)
+                seconds.setdefault(name, {})
+                if precision == "fp16":
+                    bar.set_postfix_str(f"{name}: convert")
                     start = time.perf_counter()
-                    outputs = parity.run_onnx(staging / name, inputs)
-                    per_input = {key: parity.compare(outputs[key], references[key]) for key in inputs}
-                    seconds[name]["parity"] = time.perf_counter() - start
+                    details16 = convert_fp16(staging / fp32_name, staging / name)
+                    seconds[name]["fp16"] = time.perf_counter() - start
                     bar.update()
-                    records[name] = {
-                        "reference": f"FaceLlava.encode_{modality}",
-                        "runtime": f"onnxruntime {_version('onnxruntime')} CPUExecutionProvider",
-                        "seed": seed, "random_batch": parity.RANDOM_BATCH, **parity.judge(per_input, precision)}
-                    inputs_shapes, output_shapes = graph.io_shapes()
-                    entries[name] = {
-                        "kind": "vision", "modality": modality, "precision": precision, "landmarks": with_landmarks,
-                        "inputs": {n: {"dtype": "float32", "shape": s} for n, s in inputs_shapes.items()},
-                        "outputs": {n: {"dtype": "float32", "shape": s} for n, s in output_shapes.items()},
-                        "opset": OPSET, "exporter": f"torch.onnx dynamo {_version('torch')}, onnxscript optimizer "
-                                                    f"{_version('onnxscript')}", **entry_details}
-                if "fp32" not in precisions:  # the FP16 graph's source, not asked for
-                    for leftover in [fp32_name, *details["external_data"]]:
-                        (staging / leftover).unlink()
-        misses = [parity.describe_miss(name, record) for name, record in records.items() if not record["passed"]]
-        if misses and not allow_drift:
-            raise FaceLlavaError(misses[0] + (f" (and {len(misses) - 1} more)" if len(misses) > 1 else ""))
-        _publish(writer, staging, entries, records)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return VisionExport(files={n: writer.manifest["files"][n] for n in entries}, parity=records, seconds=seconds)
+                    entry_details = {**details16, "source": fp32_name}
+                else:
+                    entry_details = {"external_data": details["external_data"], "nodes": details["nodes"]}
+                bar.set_postfix_str(f"{name}: parity")
+                start = time.perf_counter()
+                outputs = parity.run_onnx(staging / name, inputs)
+                per_input = {key: parity.compare(outputs[key], references[key]) for key in inputs}
+                seconds[name]["parity"] = time.perf_counter() - start
+                bar.update()
+                records[name] = {
+                    "reference": f"FaceLlava.encode_{modality}",
+                    "runtime": f"onnxruntime {_version('onnxruntime')} CPUExecutionProvider",
+                    "seed": seed, "random_batch": parity.RANDOM_BATCH, **parity.judge(per_input, precision)}
+                inputs_shapes, output_shapes = graph.io_shapes()
+                entries[name] = {
+                    "kind": "vision", "modality": modality, "precision": precision, "landmarks": with_landmarks,
+                    "inputs": {n: {"dtype": "float32", "shape": s} for n, s in inputs_shapes.items()},
+                    "outputs": {n: {"dtype": "float32", "shape": s} for n, s in output_shapes.items()},
+                    "opset": OPSET, "exporter": f"torch.onnx dynamo {_version('torch')}, onnxscript optimizer "
+                                                f"{_version('onnxscript')}", **entry_details}
+            if "fp32" not in precisions:  # the FP16 graph's source, not asked for
+                for leftover in [fp32_name, *details["external_data"]]:
+                    (staging / leftover).unlink()
+    misses = [parity.describe_miss(name, record) for name, record in records.items() if not record["passed"]]
+    if misses and not allow_drift:
+        raise FaceLlavaError(misses[0] + (f" (and {len(misses) - 1} more)" if len(misses) > 1 else ""))
+    _publish(writer, entries, records)
+    return VisionExport(files={n: writer.manifest.files[n] for n in entries}, parity=records, seconds=seconds)
 
 
-def _publish(writer: BundleWriter, staging: Path, entries: dict[str, dict[str, Any]],
-             records: dict[str, dict[str, Any]]) -> None:
-    """Replace the bundle's vision files by the staged ones: drop the old entries (and engines built from graphs
-    that change), move the new files in, record them with their sha256 and parity, and commit the manifest."""
-    files = writer.manifest["files"]
-    new_hashes = {contract.file_sha256(staging / name) for name in entries}
-    doomed = {name for name, entry in files.items() if entry.get("kind") == "vision"}
-    doomed |= {name for name, entry in files.items()
-               if entry.get("kind") == "engine" and entry.get("source_onnx_sha256") not in new_hashes}
-    doomed |= {name for name, entry in files.items() if entry.get("part_of") in doomed}
-    doomed |= {p.name for p in writer.path.iterdir() if VISION_FILE.match(p.name)}  # ones no manifest names
-    for leftover in writer.path.glob(".vision-*"):  # staging of an export that was killed outright
-        if leftover != staging:
-            shutil.rmtree(leftover, ignore_errors=True)
-    writer.forget(sorted(doomed))
-    for name in doomed:  # engine directories left empty
-        for parent in (writer.path / name).parents:
-            if parent == writer.path or (parent.is_dir() and any(parent.iterdir())):
-                break
-            if parent.is_dir():
-                parent.rmdir()
+def _publish(writer: BundleWriter, entries: dict[str, dict[str, Any]], records: dict[str, dict[str, Any]]) -> None:
+    """Replace the bundle's vision graphs by the staged ones as a whole: every earlier vision entry goes (graphs of
+    an earlier export that this one does not produce too); engines and INT8 graphs of a graph whose bytes change
+    go with it at commit."""
+    for name in writer.manifest.find("vision"):
+        writer.remove(name)
     for name, entry in entries.items():
         for data_name in entry["external_data"]:
-            os.replace(staging / data_name, writer.path / data_name)
-            writer.record(data_name, "data", part_of=name)
-        os.replace(staging / name, writer.path / name)
-        writer.record(name, **entry)
-        writer.record_parity(name, records[name])
-    writer.commit()
+            writer.add(data_name, "data", part_of=name)
+        writer.add(name, **entry, parity=records[name])

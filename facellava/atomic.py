@@ -1,6 +1,7 @@
-"""Writing whole or not at all: a directory is filled under a temporary name beside its final place and renamed
-when complete; a text file is written to a temporary name and replaced into place. An interrupted run leaves
-the previous state, never a half-written one."""
+"""Writing whole or not at all, outside bundles (bundles are changed only through `facellava.bundle`'s
+transaction): a single file is written to a temporary name beside it and renamed into place (`atomic_file`); a
+directory is filled under a temporary name and renamed when complete (`staged_directory`). An interrupted run
+leaves the previous state, never a half-written one."""
 
 from __future__ import annotations
 
@@ -10,6 +11,32 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path, mode: int = 0o644) -> Iterator[Path]:
+    """A temporary path beside `path` to write the file into; when the block succeeds it is flushed to disk and
+    renamed onto `path` (with permissions `mode`), else removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(handle)
+    temp = Path(name)
+    try:
+        yield temp
+        with open(temp, "rb+") as written:
+            os.fsync(written.fileno())
+        os.chmod(temp, mode)  # mkstemp makes it private
+        os.replace(temp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()
+
+
+def write_text_atomically(path: str | Path, text: str) -> None:
+    """Write `text` (UTF-8) to `path` through `atomic_file`."""
+    with atomic_file(path) as temp:
+        temp.write_text(text, encoding="utf-8")
 
 
 @contextlib.contextmanager
@@ -27,19 +54,4 @@ def staged_directory(final: str | Path) -> Iterator[Path]:
         staging.rename(final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def write_text_atomically(path: str | Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same directory and an atomic rename."""
-    path = Path(path)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as out:
-            out.write(text)
-        os.chmod(temp, 0o644)  # mkstemp makes it private
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
         raise

@@ -8,11 +8,10 @@ answer, the time each stage took and the parity figures the exports measured.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
-from facellava import contract
+from facellava.bundle import Manifest, user_cache_dir
 from facellava.runtime.assets import face_photo
 
 TINY_VERSION = "tiny-v1-seed0"  # bump when model/tiny.py changes what it writes
@@ -21,8 +20,8 @@ DEMO_QUESTION = "What emotion is shown in the picture?"
 
 
 def cache_dir() -> Path:
-    """Where the demo keeps what it builds: $FACELLAVA_CACHE, else ~/.cache/facellava."""
-    return Path(os.environ.get("FACELLAVA_CACHE", Path.home() / ".cache" / "facellava"))
+    """Where the demo keeps what it builds: the user's cache directory (`facellava.bundle.user_cache_dir`)."""
+    return user_cache_dir()
 
 
 def tiny_checkpoint() -> Path:
@@ -44,9 +43,8 @@ def demo_bundle() -> Path:
 
     checkpoint = tiny_checkpoint()
     bundle = cache_dir() / f"{TINY_VERSION}-bundle"
-    manifest_path = bundle / contract.MANIFEST_NAME
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"files": {}}
-    kinds = {entry.get("kind") for entry in manifest["files"].values()}
+    manifest = Manifest.read(Path(os.path.realpath(bundle))) if bundle.is_dir() else None
+    kinds = {entry["kind"] for entry in manifest.files.values()} if manifest else set()
     if "vision" not in kinds:
         print(f"exporting the vision graphs to {bundle} ...", flush=True)
         export_vision(checkpoint, bundle, precisions=("fp32",))
@@ -61,9 +59,9 @@ def demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=24)
 
 
-def _parity_lines(manifest: dict) -> list[str]:
+def _parity_lines(manifest: Manifest) -> list[str]:
     lines = []
-    for name, figures in sorted(manifest.get("parity", {}).items()):
+    for name, figures in sorted(manifest.parity.items()):
         shown = {k: figures[k] for k in ("cosine", "rel_err", "first_token_rel_error", "greedy_identical",
                                          "prompts", "top1_agreement", "mean_kl", "passed") if k in figures}
         values = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
@@ -82,6 +80,7 @@ def demo(args: argparse.Namespace) -> int:
           "  facellava export llm --checkpoint FaceLLaVA --out bundle --types f16,q4_k_m\n"
           "  facellava run bundle --image face.jpg \"What emotion is shown in the picture?\"\n")
     pipeline = Pipeline.open(bundle)
+    manifest = pipeline.bundle.manifest
     try:
         print(f"Q: {args.question}  [image: {face_photo().name}]")
         print("A: ", end="", flush=True)
@@ -95,7 +94,6 @@ def demo(args: argparse.Namespace) -> int:
         print(answer.timings.line())
     finally:
         pipeline.close()
-    manifest = json.loads((bundle / contract.MANIFEST_NAME).read_text())
     print("\nparity against the PyTorch reference, measured at export:")
     print("\n".join(_parity_lines(manifest)))
     return 0

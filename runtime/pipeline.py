@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 
 from facellava import contract
+from facellava.bundle import Bundle
 from facellava.errors import FaceLlavaError
 from facellava.runtime import face, preprocess
-from facellava.runtime.bundle import Bundle
 from facellava.runtime.session import ChatSession, Generation, Sampling, check_max_tokens, check_question
 from facellava.runtime.vision import VisionBackend, open_vision
 

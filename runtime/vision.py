@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from facellava import contract
+from facellava.bundle import Bundle
 from facellava.errors import FaceLlavaError
-from facellava.runtime.bundle import Bundle
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
 
@@ -232,7 +232,7 @@ class TorchVision(VisionBackend):
         except ImportError:
             raise FaceLlavaError("the torch vision backend needs torch: install the `export` extra, or choose "
                                  "--vision onnxruntime") from None
-        checkpoint = bundle.manifest.get("source", {}).get("checkpoint")
+        checkpoint = bundle.manifest.source.get("checkpoint")
         if not checkpoint:
             raise FaceLlavaError(f"{bundle.path}'s manifest names no source checkpoint for the torch backend")
         self._torch = torch

@@ -13,12 +13,12 @@ import pytest
 from conftest import write_video
 from PIL import Image, ImageEnhance
 
+from facellava.bundle import Bundle
 from facellava.calibration.dataset import CalibrationSet, build_calibration_set
 from facellava.calibration.int8 import calibrate_vision, held_out_figures, node_groups
 from facellava.cli import main
 from facellava.errors import FaceLlavaError
 from facellava.runtime import face
-from facellava.runtime.bundle import Bundle
 from facellava.runtime.preprocess import preprocess_image
 from facellava.runtime.vision import open_vision
 
@@ -160,7 +160,7 @@ def test_int8_graphs_load_and_meet_the_target_on_held_out_crops(bundle, face_set
     assert sorted(entries) == ["vision_image.int8.onnx", "vision_video.int8.onnx"]
     opened = Bundle.open(bundle)
     assert opened.find("vision", precision="int8", modality="image", landmarks=True) == ["vision_image.int8.onnx"]
-    image = opened.manifest["parity"]["vision_image.int8.onnx"]
+    image = opened.manifest.parity["vision_image.int8.onnx"]
     assert image["passed"] and image["cosine"] >= 0.99 and image["calibration"]["method"] == "minmax"
     assert image["calibration"]["calibration_samples"] + image["calibration"]["held_out_samples"] == 6
     # measured again here, through the runtime's INT8 backend, on the held-out crops only
@@ -189,7 +189,7 @@ def test_sensitivity_pass_keeps_the_most_damaging_groups_out_of_int8(bundle, fac
     assert set(sensitivity) == set(node_groups(onnx.load(str(bundle / "vision_image.onnx"))))
     # the groups kept are the most damaging ones, in order
     assert kept == sorted(sensitivity, key=sensitivity.get)[: len(kept)]
-    parity = Bundle.open(bundle).manifest["parity"]["vision_image.int8.onnx"]
+    parity = Bundle.open(bundle).manifest.parity["vision_image.int8.onnx"]
     assert parity["cosine"] >= 0.9999 and parity["passed"]
 
     model = onnx.load(str(bundle / "vision_image.int8.onnx"))
@@ -227,7 +227,7 @@ def test_unreachable_target_fails_and_leaves_the_bundle_as_it_was(bundle, face_s
     assert not list(bundle.glob("*int8*")) and not list(bundle.glob(".int8-*"))
     entries = calibrate_vision(bundle, face_set, modalities="image", target_cosine=1.0, allow_drift=True,
                                method="entropy", progress=False)
-    parity = Bundle.open(bundle).manifest["parity"]["vision_image.int8.onnx"]
+    parity = Bundle.open(bundle).manifest.parity["vision_image.int8.onnx"]
     assert not parity["passed"] and 0.99 < parity["cosine"] < 1.0 and entries
 
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from facellava import contract
+from facellava.bundle import BOOKKEEPING
 from facellava.cli import main
 from facellava.export import llm_parity
 from facellava.export.gguf import convert_to_gguf, llava_v1_chat_template, rope_permute, tensor_plan
@@ -155,7 +156,8 @@ def test_every_type_loads_in_llama_cpp_and_matches_the_manifest(llm_bundle: Path
 
     manifest = _manifest(llm_bundle)
     assert sorted(manifest["files"]) == sorted(f"llm-{t}.gguf" for t in PLAIN_TYPES)
-    assert sorted(p.name for p in llm_bundle.iterdir()) == sorted([*manifest["files"], contract.MANIFEST_NAME])
+    assert sorted(p.name for p in llm_bundle.iterdir() if p.name not in BOOKKEEPING) == sorted(
+        [*manifest["files"], contract.MANIFEST_NAME])
     for name, entry in manifest["files"].items():
         path = llm_bundle / name
         assert entry["kind"] == "llm" and entry["bytes"] == path.stat().st_size
@@ -269,7 +271,7 @@ def test_both_imatrix_formats_load_to_the_same_values(activation_imatrix: dict):
 def test_imatrix_export_quantizes_low_bit_types_and_helps(imatrix_bundle: Path, llm_bundle: Path):
     manifest = _manifest(imatrix_bundle)
     # the F16 intermediate the quantizer read does not stay in the bundle
-    assert sorted(p.name for p in imatrix_bundle.iterdir()) == sorted(
+    assert sorted(p.name for p in imatrix_bundle.iterdir() if p.name not in BOOKKEEPING) == sorted(
         [*(f"llm-{t}.gguf" for t in IMATRIX_TYPES), contract.MANIFEST_NAME])
     for gguf_type in IMATRIX_TYPES:
         name = f"llm-{gguf_type}.gguf"

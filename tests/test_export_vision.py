@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from facellava import contract
+from facellava.bundle import BOOKKEEPING, BundleWriter
 from facellava.cli import main
 from facellava.errors import FaceLlavaError
 from facellava.export import parity, vision
-from facellava.export.bundle import BundleWriter
 from facellava.export.vision import MODALITIES, PRECISIONS, export_vision, vision_file_name, vision_only_model
 
 VARIANTS = [(m, lm, p) for m in MODALITIES for lm in (True, False) for p in PRECISIONS]
@@ -167,7 +167,8 @@ def test_graph_contract(vision_bundle, modality, with_landmarks):
 def test_manifest_records_every_file_with_sha256_and_parity(vision_bundle):
     bundle, result = vision_bundle
     manifest = json.loads((bundle / contract.MANIFEST_NAME).read_text())
-    on_disk = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()} - {contract.MANIFEST_NAME}
+    on_disk = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()} - {
+        contract.MANIFEST_NAME, *BOOKKEEPING}
     assert on_disk == set(manifest["files"]) == {vision_file_name(*v) for v in VARIANTS}
     assert set(result.files) == on_disk
     for name, entry in manifest["files"].items():
@@ -211,24 +212,23 @@ def test_reexport_replaces_vision_files_and_stale_engines(external_bundle, tiny_
     bundle = tmp_path / "bundle"
     shutil.copytree(external_bundle, bundle)
     # an engine built from the graph this re-export replaces, and a foreign file the export must not touch
-    writer = BundleWriter(bundle)
-    old_hash = writer.manifest["files"]["vision_image_nolm.onnx"]["sha256"]
     engine = "engines/some-gpu-trt10.3.0/vision_image_nolm.engine"
-    (bundle / engine).parent.mkdir(parents=True)
-    (bundle / engine).write_bytes(b"engine")
-    writer.record(engine, "engine", source="vision_image_nolm.onnx", source_onnx_sha256=old_hash)
-    (bundle / f"{engine}.json").write_text("{}")
-    writer.record(f"{engine}.json", "data", part_of=engine)
-    (bundle / "model.gguf").write_bytes(b"gguf")
-    writer.record("model.gguf", "llm")
-    writer.commit()
+    with BundleWriter.transaction(bundle) as writer:
+        old_hash = writer.manifest.files["vision_image_nolm.onnx"]["sha256"]
+        writer.stage(engine).write_bytes(b"engine")
+        writer.add(engine, "engine", source="vision_image_nolm.onnx", source_onnx_sha256=old_hash,
+                   modality="image", precision="fp32", landmarks=False)
+        writer.stage(f"{engine}.json").write_text("{}")
+        writer.add(f"{engine}.json", "data", part_of=engine)
+        writer.stage("model.gguf").write_bytes(b"gguf")
+        writer.add("model.gguf", "llm", type="f32")
 
     export_vision(tiny_checkpoint, bundle, modalities="image", precisions="fp16", landmarks=True, seed=3,
                   progress=False)
     manifest = json.loads((bundle / contract.MANIFEST_NAME).read_text())
     assert set(manifest["files"]) == {"vision_image.fp16.onnx", "model.gguf"}
     assert set(manifest["parity"]) == {"vision_image.fp16.onnx"}
-    left = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*")}
+    left = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*")} - set(BOOKKEEPING)
     assert left == {contract.MANIFEST_NAME, "vision_image.fp16.onnx", "model.gguf"}  # no staging, no empty dirs
     assert manifest["files"]["vision_image.fp16.onnx"]["sha256"] == contract.file_sha256(
         bundle / "vision_image.fp16.onnx")

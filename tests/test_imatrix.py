@@ -139,7 +139,7 @@ def test_calibrate_llm_cli_into_bundle(tiny_bundle: Path, face_photo: Path, tmp_
     assert entry["kind"] == "data" and entry["prompts"] == 1 and entry["files_skipped"] == 1
     assert manifest["files"]["llm-iq4_xs.gguf"]["imatrix"] == IMATRIX_NAME
     assert "llm-f32.gguf" in manifest["files"]
-    from facellava.runtime.bundle import Bundle
+    from facellava.bundle import Bundle
 
     Bundle.open(bundle).path_of(IMATRIX_NAME)  # hash recorded and matching
     assert main(["calibrate", "llm", str(bundle), "--data", str(tmp_path / "empty")]) == 1
