@@ -3,6 +3,9 @@ face photograph."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,3 +59,58 @@ def write_video(path: Path, frames: int, photo: Path = FACE_PHOTO) -> Path:
         writer.write(cv2.warpAffine(image, shift, (image.shape[1], image.shape[0]), borderMode=cv2.BORDER_REFLECT))
     writer.release()
     return path
+
+
+# --- a sentinel directory outside a bundle, watched by an audit hook -----------------------------------------
+
+_WATCHED: list[tuple[Path, list[str]]] = []
+
+
+def _audit(event: str, args: tuple) -> None:
+    # every Python-level open, listing, rename and removal of a path under a watched directory is recorded
+    if not _WATCHED or not event.startswith(("open", "os.", "shutil.")):
+        return
+    for arg in args:
+        if isinstance(arg, str | bytes | os.PathLike):
+            name = os.fsdecode(arg)
+            # an open follows a symlink; a rename or removal acts on the link itself
+            path = os.path.realpath(name) if event == "open" else os.path.join(
+                os.path.realpath(os.path.dirname(name) or "."), os.path.basename(name))
+            for root, seen in _WATCHED:
+                if path.startswith(str(root)):
+                    seen.append(f"{event} {path}")
+
+
+sys.addaudithook(_audit)
+
+
+class Sentinel:
+    """A directory outside the bundle holding valid model files an attacker wants loaded, hashed or deleted."""
+
+    def __init__(self, path: Path, bundle: Path):
+        self.path = path
+        path.mkdir()
+        shutil.copyfile(bundle / "llm-f32.gguf", path / "victim.gguf")
+        shutil.copyfile(bundle / "vision_image.onnx", path / "victim.onnx")
+        (path / "secret.txt").write_text("SECRET-CONTENT " * 40)
+        self.before = self.snapshot()
+        self.events: list[str] = []
+
+    def snapshot(self) -> dict[str, tuple[bytes, int]]:
+        return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(self.path.iterdir())}
+
+    def __enter__(self) -> Sentinel:
+        _WATCHED.append((Path(os.path.realpath(self.path)), self.events))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _WATCHED.clear()
+        assert self.snapshot() == self.before, "a file outside the bundle was changed"
+        assert not self.events, self.events
+
+
+
+@pytest.fixture(scope="session")
+def make_sentinel():
+    """`make_sentinel(path, bundle)`: a Sentinel directory; `with sentinel:` asserts nothing in it was touched."""
+    return Sentinel
