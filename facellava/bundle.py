@@ -690,8 +690,8 @@ class BundleWriter:
         """Enter the staged file `name` (written at `stage(name)`) with its size and sha256, replacing an entry of
         that name at commit; `parity` records its measured figures. Returns the entry."""
         path = self.staging / check_name(name)
-        if not path.is_file():
-            raise FileNotFoundError(f"{name} was not staged")  # a bug in the caller
+        if not path.is_file() or {"sha256", "bytes"} & details.keys():
+            raise ValueError(f"{name} was not staged, or its details name sha256/bytes")  # a bug in the caller
         entry = {"sha256": contract.file_sha256(path), "bytes": path.stat().st_size, "kind": kind, **details}
         self.manifest.files[name] = entry
         if parity is not None:
