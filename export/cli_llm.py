@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from facellava.model.cli import tower_arguments
+
 
 def export_llm_arguments(parser: argparse.ArgumentParser) -> None:
     from facellava.export.llm import DEFAULT_TYPES
@@ -20,9 +22,7 @@ def export_llm_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--imatrix", type=Path, help="importance matrix for the quantizer (llama.cpp's GGUF or .dat)")
     parser.add_argument("--allow-drift", action="store_true",
                         help="keep files that miss their parity limits (the figures still go into the manifest)")
-    parser.add_argument("--image-tower", type=Path, help="LanguageBind_Image directory, if config.json names none")
-    parser.add_argument("--video-tower", type=Path,
-                        help="LanguageBind_Video_merge directory, if config.json names none")
+    tower_arguments(parser)
     parser.add_argument("--threads", type=int, default=0, help="quantizer threads (0: all cores)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 

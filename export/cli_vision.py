@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from facellava import contract
+from facellava.model.cli import tower_arguments
 
 
 def export_vision_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", type=Path, required=True, help="Face-LLaVA checkpoint directory")
-    parser.add_argument("--image-tower", type=Path, help="LanguageBind_Image directory")
-    parser.add_argument("--video-tower", type=Path, help="LanguageBind_Video_merge directory")
+    tower_arguments(parser)
     parser.add_argument("--out", type=Path, required=True, help="bundle directory (created or updated)")
     parser.add_argument("--modalities", default="image,video", help="comma list of image, video (default both)")
     parser.add_argument("--precision", default="fp32,fp16", help="comma list of fp32, fp16 (default both)")

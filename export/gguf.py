@@ -34,6 +34,7 @@ from facellava.model.loading import (
     IGNORED_KEYS,
     TOKENIZER_NAME,
     CheckpointWeights,
+    check_vocabulary_size,
     is_llm_key,
     read_config,
 )
@@ -195,10 +196,10 @@ def match_checkpoint(weights: CheckpointWeights, plan: dict[str, TensorPlan]) ->
 
 
 def read_vocabulary(tokenizer_path: Path, vocab_size: int) -> Vocabulary:
-    """The SentencePiece model's pieces, scores and types, padded with unused tokens up to `vocab_size`.
+    """The SentencePiece model's pieces, scores and types.
 
-    Raises FaceLlavaError when the file is missing or unreadable, when it has more pieces than the embedding
-    has rows, or when it is not a model that llama.cpp's LLaMA tokenizer reproduces exactly (BPE, no text
+    Raises FaceLlavaError when the file is missing or unreadable, when its piece count is not `vocab_size` (the
+    embedding's rows), or when it is not a model that llama.cpp's LLaMA tokenizer reproduces exactly (BPE, no text
     normalization, whitespace kept).
     """
     from sentencepiece import sentencepiece_model_pb2
@@ -221,19 +222,13 @@ def read_vocabulary(tokenizer_path: Path, vocab_size: int) -> Vocabulary:
     if normalizer.name not in ("identity", "") or normalizer.remove_extra_whitespaces:
         raise FaceLlavaError(f"{tokenizer_path} normalizes text ({normalizer.name}, remove_extra_whitespaces="
                              f"{normalizer.remove_extra_whitespaces}); llama.cpp's LLaMA tokenizer does not")
-    if len(proto.pieces) > vocab_size:
-        raise FaceLlavaError(f"{tokenizer_path} has {len(proto.pieces)} pieces but the embedding has "
-                             f"{vocab_size} rows: tokenizer and checkpoint do not belong together")
+    check_vocabulary_size(tokenizer_path, len(proto.pieces), vocab_size)
     piece_type = sentencepiece_model_pb2.ModelProto.SentencePiece.Type
     tokens, scores, types = [], [], []
     for piece in proto.pieces:
         tokens.append(piece.piece.encode("utf-8"))
         scores.append(piece.score)
         types.append(int(SENTENCEPIECE_TOKEN_TYPES[piece_type.Name(piece.type)]))
-    for i in range(len(tokens), vocab_size):  # rows the embedding has beyond the tokenizer (never produced)
-        tokens.append(f"[PAD{i}]".encode())
-        scores.append(-1000.0)
-        types.append(int(gguf.TokenType.UNUSED))
     return Vocabulary(tokens, scores, types, add_space_prefix=normalizer.add_dummy_prefix)
 
 

@@ -91,8 +91,7 @@ def export_llm_bundle(checkpoint_dir: str | Path, bundle_dir: str | Path, types:
     model = FaceLlava.from_pretrained(checkpoint_dir, image_tower=image_tower, video_tower=video_tower)
     prompts = [(q, m) for q, m in llm_parity.PARITY_PROMPTS if getattr(model, f"{m}_tower") is not None]
     if not prompts:
-        raise FaceLlavaError(f"{checkpoint_dir} has no vision tower to make the parity prompts' visual tokens: pass "
-                             "--image-tower/--video-tower (LanguageBind directories)")
+        raise FaceLlavaError(f"the parity prompts need a vision tower: {model.no_tower('image')}")
     reference = llm_parity.build_reference(model, prompts, progress=progress)
     del model
 

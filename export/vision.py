@@ -66,8 +66,7 @@ class VisionGraph(nn.Module):
         super().__init__()
         tower = model.image_tower if modality == "image" else model.video_tower
         if tower is None:
-            raise FaceLlavaError(f"this checkpoint has no {modality} tower; pass --{modality}-tower DIR (a "
-                                 f"LanguageBind directory) or leave {modality} out of --modalities")
+            raise FaceLlavaError(f"{model.no_tower(modality)}, or leave {modality} out of --modalities")
         if with_landmarks and model.landmarks_cross_attn is None:
             raise FaceLlavaError("this checkpoint has no landmark modules (no landmarks_projector_type in its "
                                  "config.json); export with --without-landmarks")

@@ -9,6 +9,15 @@ import time
 from pathlib import Path
 
 
+def tower_arguments(parser: argparse.ArgumentParser) -> None:
+    """--image-tower / --video-tower, for every command that loads a tower (see `loading.find_tower`)."""
+    for kind, repo in (("image", "LanguageBind_Image"), ("video", "LanguageBind_Video_merge")):
+        parser.add_argument(f"--{kind}-tower", type=Path, metavar="DIR",
+                            help=f"{repo} directory (default: config.json's mm_{kind}_tower as a directory, then "
+                                 "as a repo id in the Hugging Face hub cache or ./cache_dir, then tower weights "
+                                 "inside the checkpoint)")
+
+
 def make_tiny_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out_dir", type=Path, help="directory to create (must not exist, or be empty)")
     parser.add_argument("--seed", type=int, default=0)
@@ -31,8 +40,7 @@ def make_tiny(args: argparse.Namespace) -> int:
 
 def inspect_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", type=Path, help="a Face-LLaVA checkpoint directory (official layout)")
-    parser.add_argument("--image-tower", type=Path, help="LanguageBind_Image directory")
-    parser.add_argument("--video-tower", type=Path, help="LanguageBind_Video_merge directory")
+    tower_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -50,11 +58,13 @@ def describe(model) -> dict:
             c = tower.config
             towers[kind] = {"hidden_size": c.hidden_size, "layers": c.num_hidden_layers,
                             "layers_used": c.num_used_layers, "heads": c.num_attention_heads,
-                            "hidden_act": c.hidden_act, "frames": c.num_frames, "parameters": count(tower)}
+                            "hidden_act": c.hidden_act, "frames": c.num_frames, "parameters": count(tower),
+                            "source": model.tower_sources.get(kind)}
     return {
         "llm": {"hidden_size": config.hidden_size, "layers": config.num_hidden_layers,
                 "heads": config.num_attention_heads, "vocab_size": config.vocab_size, "parameters": count(model.llm)},
         "towers": towers,
+        "missing_towers": {kind: model.no_tower(kind) for kind in ("image", "video") if kind not in towers},
         "mm_projector": {"type": config.mm_projector_type, "parameters": count(model.mm_projector)},
         "landmarks": None if not config.has_landmark_modules else {
             "cross_attn_type": config.cross_attn_type, "branch_scale": config.branch_scale,
@@ -94,10 +104,10 @@ def inspect(args: argparse.Namespace) -> int:
           f"vocab {llm['vocab_size']}, {llm['parameters']:,} parameters")
     for kind, tower in info["towers"].items():
         print(f"{kind} tower  ViT hidden {tower['hidden_size']}, {tower['layers_used']} of {tower['layers']} layers "
-              f"used, {tower['heads']} heads, {tower['hidden_act']}, {tower['frames']} frame(s)")
-    for kind in ("image", "video"):
-        if kind not in info["towers"]:
-            print(f"{kind} tower  none (pass --{kind}-tower DIR)")
+              f"used, {tower['heads']} heads, {tower['hidden_act']}, {tower['frames']} frame(s), "
+              f"from {tower['source']}")
+    for kind, message in info["missing_towers"].items():
+        print(f"{kind} tower  none: {message}")
     print(f"projector    {info['mm_projector']['type']}")
     landmarks, tokenizer = info["landmarks"], info["tokenizer"]
     if landmarks is None:
@@ -131,9 +141,7 @@ def train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=int, help="optimizer steps in all (default: epochs x steps per epoch)")
     parser.add_argument("--save-every", type=int, default=200, help="optimizer steps between training checkpoints")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--image-tower", type=Path, help="LanguageBind_Image directory (default: the checkpoint's)")
-    parser.add_argument("--video-tower", type=Path,
-                        help="LanguageBind_Video_merge directory (default: the checkpoint's)")
+    tower_arguments(parser)
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
 
 

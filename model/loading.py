@@ -8,9 +8,12 @@ stored inside the checkpoint. Which checkpoint tensor goes where is the table `C
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +105,7 @@ def read_config_dict(raw: dict[str, Any], where: str = CONFIG_NAME) -> FaceLlava
     missing = [name for name in (*REQUIRED_LLAMA_FIELDS, "mm_projector_type", "mm_hidden_size") if name not in raw]
     if missing:
         raise FaceLlavaError(f"{where} lacks {', '.join(missing)}: not a Face-LLaVA checkpoint")
+    _check_sizes(raw, where)
     if raw.get("rope_scaling"):
         raise FaceLlavaError(f"rope_scaling {raw['rope_scaling']!r} is not supported (Vicuna-7B v1.5 has none)")
     if raw.get("use_landmark_tokens"):
@@ -139,6 +143,33 @@ def read_config_dict(raw: dict[str, Any], where: str = CONFIG_NAME) -> FaceLlava
         branch_scale=raw.get("branch_scale", 0.1),
         raw=raw,
     )
+
+
+def _check_sizes(raw: dict[str, Any], where: str) -> None:
+    """Refuse sizes that cannot describe a model (a mistyped or hand-edited config.json) with one line, before
+    they fail deep inside torch, SentencePiece or llama.cpp."""
+    sizes = (*REQUIRED_LLAMA_FIELDS, "mm_hidden_size", "num_key_value_heads", "max_position_embeddings")
+    for name in sizes:
+        value = raw.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise FaceLlavaError(f"{where}: {name} is {value!r}; expected a positive integer")
+    heads, kv_heads = raw["num_attention_heads"], raw.get("num_key_value_heads") or raw["num_attention_heads"]
+    if raw["hidden_size"] % heads:
+        raise FaceLlavaError(f"{where}: hidden_size {raw['hidden_size']} does not split into {heads} attention heads")
+    if heads % kv_heads:
+        raise FaceLlavaError(f"{where}: {heads} attention heads do not group over {kv_heads} key/value heads")
+    for name, default in (("bos_token_id", 1), ("eos_token_id", 2)):
+        value = raw.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < raw["vocab_size"]:
+            raise FaceLlavaError(f"{where}: {name} {value!r} is not a token id of the {raw['vocab_size']}-token "
+                                 "vocabulary")
+    select = raw.get("mm_vision_select_layer", -2)
+    if isinstance(select, bool) or not isinstance(select, int):
+        raise FaceLlavaError(f"{where}: mm_vision_select_layer is {select!r}; expected an integer such as -2")
+    for name in ("rms_norm_eps", "rope_theta"):
+        value = raw.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value <= 0):
+            raise FaceLlavaError(f"{where}: {name} is {value!r}; expected a positive number")
 
 
 # --- weights ------------------------------------------------------------------------------------------------
@@ -284,28 +315,115 @@ def tower_config_from_tensors(shapes: dict[str, torch.Size], select_layer: int) 
     )
 
 
-def tower_directory(kind: str, config: FaceLlavaConfig, checkpoint_dir: str | Path,
-                    explicit: str | Path | None = None) -> Path | None:
-    """The LanguageBind directory a tower is read from: `explicit` when given, else `mm_image_tower` /
-    `mm_video_tower` when it names a directory (as given, then inside the checkpoint); None when there is none
-    (the tower may then be stored inside the checkpoint). Raises FaceLlavaError for a missing explicit one."""
+# The official code names the towers by hub id and lets transformers fetch them (into `./cache_dir`); a user who
+# did the same, or used huggingface_hub, has them in the hub cache layout. They are looked up there, offline.
+HUB_REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
+OFFICIAL_CACHE_DIR = "cache_dir"  # the official code passes cache_dir='./cache_dir' to from_pretrained
+
+
+def hub_cache_roots() -> list[tuple[str, Path]]:
+    """The Hugging Face hub caches to look in, as (how it was found, directory): `$HF_HUB_CACHE`, `$HF_HOME/hub`,
+    the default cache (`$XDG_CACHE_HOME/huggingface/hub` or `~/.cache/huggingface/hub`) and the official code's
+    `./cache_dir`; each directory once."""
+    candidates = []
+    if os.environ.get("HF_HUB_CACHE"):
+        candidates.append(("$HF_HUB_CACHE", Path(os.environ["HF_HUB_CACHE"])))
+    if os.environ.get("HF_HOME"):
+        candidates.append(("$HF_HOME/hub", Path(os.environ["HF_HOME"]) / "hub"))
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    default = Path(xdg) if xdg else Path.home() / ".cache"
+    candidates.append(("the default hub cache", default / "huggingface" / "hub"))
+    candidates.append(("the official code's ./cache_dir", Path.cwd() / OFFICIAL_CACHE_DIR))
+    roots, seen = [], set()
+    for how, root in candidates:
+        key = os.path.abspath(os.path.expanduser(root))
+        if key not in seen:
+            seen.add(key)
+            roots.append((how, Path(key)))
+    return roots
+
+
+def hub_snapshot(cache: Path, repo_id: str) -> Path | None:
+    """A repo's snapshot in a hub cache: the one `refs/main` names, else the only or the newest one; None when
+    the cache does not hold the repo. Reads the disk only, never the network."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshots = repo / "snapshots"
+    with contextlib.suppress(OSError):
+        commit = (repo / "refs" / "main").read_text().strip()
+        if commit and (snapshots / commit).is_dir():
+            return snapshots / commit
+    try:
+        found = [p for p in snapshots.iterdir() if p.is_dir()]
+    except OSError:
+        return None
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+@dataclass
+class TowerSearch:
+    """Where a tower was found (`directory`, a LanguageBind directory; None when not found in any directory) and
+    every place looked in, in order, for the message when it is found nowhere."""
+
+    kind: str
+    directory: Path | None
+    looked: list[str]
+
+    def not_found(self) -> str:
+        """The one-line error for a tower that is needed but was found nowhere."""
+        return (f"no {self.kind} tower found (looked in: {'; '.join(self.looked)}); pass --{self.kind}-tower DIR "
+                "(a LanguageBind directory) or put the tower in one of those places")
+
+
+def find_tower(kind: str, config: FaceLlavaConfig, checkpoint_dir: str | Path,
+               explicit: str | Path | None = None) -> TowerSearch:
+    """Locate a LanguageBind tower directory, the one place every command does it. In order: `explicit` (the
+    --image-tower / --video-tower flag); the config's `mm_image_tower` / `mm_video_tower` as a local directory
+    (absolute, or relative to the checkpoint); that value as a hub repo id in the hub caches
+    (`hub_cache_roots`), offline. A search that finds no directory lists the places it looked, plus the
+    checkpoint's own tower weights (the caller's last resort). Raises FaceLlavaError for a missing explicit
+    directory."""
     if explicit is not None:
         directory = Path(explicit)
         if not directory.is_dir():
             raise FaceLlavaError(f"{kind} tower directory {directory} does not exist")
-        return directory
+        return TowerSearch(kind, directory, [str(directory)])
+    key = f"mm_{kind}_tower"
     named = config.mm_image_tower if kind == "image" else config.mm_video_tower
-    if named:
-        for candidate in (Path(named), Path(checkpoint_dir) / named):
-            if candidate.is_dir():
-                return candidate
-    return None
+    looked = [f"no --{kind}-tower given"]
+    if not named:
+        looked.append(f"config.json names no {key}")
+    else:
+        local = Path(named).expanduser()
+        candidate = local if local.is_absolute() else Path(checkpoint_dir) / local
+        if candidate.is_dir():
+            return TowerSearch(kind, candidate, looked)
+        looked.append(f"{key} {named!r} as a directory ({candidate})")
+        if not local.is_absolute() and HUB_REPO_ID.match(str(named)):
+            for how, cache in hub_cache_roots():
+                snapshot = hub_snapshot(cache, str(named))
+                if snapshot is not None:
+                    return TowerSearch(kind, snapshot, looked)
+                looked.append(f"{how} {cache / ('models--' + str(named).replace('/', '--'))}")
+    looked.append(f"{TOWER_PREFIXES[kind]}* weights inside {checkpoint_dir}")
+    return TowerSearch(kind, None, looked)
+
+
+def tower_directory(kind: str, config: FaceLlavaConfig, checkpoint_dir: str | Path,
+                    explicit: str | Path | None = None) -> Path | None:
+    """The LanguageBind directory of a tower (`find_tower`), or None when there is none (the tower may then be
+    stored inside the checkpoint). Raises FaceLlavaError for a missing explicit one."""
+    return find_tower(kind, config, checkpoint_dir, explicit).directory
+
+
+TowerSource = tuple[TowerConfig, dict[str, tuple[CheckpointWeights, str]]]
 
 
 def _tower_source(kind: str, explicit: str | Path | None, config: FaceLlavaConfig, checkpoint_dir: Path,
-                  weights: CheckpointWeights) -> tuple[TowerConfig, dict[str, tuple[CheckpointWeights, str]]] | None:
-    """Where a tower's weights come from: (its config, {tower key: (weights, key there)}), or None."""
-    directory = tower_directory(kind, config, checkpoint_dir, explicit)
+                  weights: CheckpointWeights) -> tuple[TowerSource | None, TowerSearch]:
+    """Where a tower's weights come from: (its config, {tower key: (weights, key there)}) or None, and the
+    search that found (or did not find) its directory."""
+    search = find_tower(kind, config, checkpoint_dir, explicit)
+    directory = search.directory
     if directory is not None:
         tower_config = tower_config_from_languagebind(directory, config.mm_vision_select_layer)
         tower_weights = CheckpointWeights.open(directory)
@@ -313,14 +431,23 @@ def _tower_source(kind: str, explicit: str | Path | None, config: FaceLlavaConfi
                 if k.startswith("vision_model.")}  # text-tower keys are ignored
         if not keys:
             raise FaceLlavaError(f"{directory} has no vision_model.* weights: not a LanguageBind tower")
-        return tower_config, keys
+        return (_check_tower_width(kind, tower_config, config, str(directory)), keys), search
     prefix = TOWER_PREFIXES[kind]
     embedded = {k.split("vision_model.", 1)[1]: (weights, k) for k in weights.keys()
                 if k.startswith(prefix) and "vision_model." in k}
     if not embedded:
-        return None
+        return None, search
     shapes = {key: weights.get(source_key).shape for key, (_, source_key) in embedded.items()}
-    return tower_config_from_tensors(shapes, config.mm_vision_select_layer), embedded
+    tower_config = tower_config_from_tensors(shapes, config.mm_vision_select_layer)
+    return (_check_tower_width(kind, tower_config, config, f"{prefix}* in {checkpoint_dir}"), embedded), search
+
+
+def _check_tower_width(kind: str, tower: TowerConfig, config: FaceLlavaConfig, where: str) -> TowerConfig:
+    # the mm projector takes mm_hidden_size features: a tower of another width only fails deep inside a matmul
+    if tower.hidden_size != config.mm_hidden_size:
+        raise FaceLlavaError(f"the {kind} tower ({where}) is {tower.hidden_size} wide but config.json's "
+                             f"mm_hidden_size is {config.mm_hidden_size}: tower and checkpoint do not belong together")
+    return tower
 
 
 def _tower_keys_in_use(keys: dict[str, Any], used_layers: int) -> dict[str, Any]:
@@ -331,6 +458,34 @@ def _tower_keys_in_use(keys: dict[str, Any], used_layers: int) -> dict[str, Any]
             continue
         kept[key] = source
     return kept
+
+
+# --- a bundle's source -------------------------------------------------------------------------------------
+
+
+def bundle_source_checkpoint(bundle: Any, checkpoint: str | Path | None, flag: str = "--checkpoint") -> Path:
+    """The PyTorch checkpoint an opened bundle (`facellava.bundle.Bundle`) was exported from, as the user gave it.
+
+    A bundle is a security boundary: the checkpoint path its manifest records lies outside it and is never
+    followed; it is only named in the error when `checkpoint` is None. The given directory must have the
+    fingerprint (`facellava.bundle.checkpoint_fingerprint`, which reads every file once) that the manifest
+    records. Returns the directory. Raises FaceLlavaError when none is given, it is missing, or it differs."""
+    from facellava.bundle import checkpoint_fingerprint
+
+    recorded = bundle.manifest.source.get("checkpoint")
+    hint = f" (the bundle records {recorded!r})" if recorded else ""
+    if checkpoint is None:
+        raise FaceLlavaError(f"this needs the PyTorch checkpoint {bundle.path} was exported from: pass {flag} "
+                             f"DIR{hint}")
+    directory = _checkpoint_dir(checkpoint)
+    expected = bundle.manifest.source.get("checkpoint_sha256")
+    if not expected:
+        raise FaceLlavaError(f"{bundle.path}'s manifest records no checkpoint fingerprint, so {directory} cannot be "
+                             "checked against it; export the bundle again with this version")
+    if checkpoint_fingerprint(directory) != expected:
+        raise FaceLlavaError(f"{directory} is not the checkpoint {bundle.path} was exported from (its fingerprint "
+                             f"differs from the manifest's checkpoint_sha256); pass that checkpoint{hint}")
+    return directory
 
 
 # --- the model ----------------------------------------------------------------------------------------------
@@ -359,12 +514,17 @@ def load_face_llava(checkpoint_dir: str | Path, image_tower: str | Path | None =
     config = read_config(directory)
     if branch_scale is not None:
         config.branch_scale = branch_scale
+    tokenizer = load_tokenizer(directory, config)  # before any weight is read: a mismatch fails at once
     weights = CheckpointWeights.open(directory)
-    towers = {kind: _tower_source(kind, explicit, config, directory, weights)
-              for kind, explicit in (("image", image_tower), ("video", video_tower))}
+    found = {kind: _tower_source(kind, explicit, config, directory, weights)
+             for kind, explicit in (("image", image_tower), ("video", video_tower))}
+    towers = {kind: tower for kind, (tower, _search) in found.items()}
 
     with torch.device("meta"):
         model = FaceLlava(config, *(t[0] if t else None for t in (towers["image"], towers["video"])))
+    model.missing_towers = {kind: search.not_found() for kind, (tower, search) in found.items() if tower is None}
+    model.tower_sources = {kind: str(search.directory or f"{TOWER_PREFIXES[kind]}* in {directory}")
+                           for kind, (tower, search) in found.items() if tower is not None}
     expected = {name: tensor.shape for name, tensor in model.state_dict().items()
                 if llm or not name.startswith("llm.")}
 
@@ -412,12 +572,33 @@ def load_face_llava(checkpoint_dir: str | Path, image_tower: str | Path | None =
         if left:
             raise RuntimeError(f"vision tensors left on the meta device after loading: {left}")
     model.eval()
-    tokenizer_path = directory / TOKENIZER_NAME
-    if tokenizer_path.is_file():
-        import sentencepiece
-
-        model.tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer_path))
+    model.tokenizer = tokenizer
     return model
+
+
+def load_tokenizer(checkpoint_dir: str | Path, config: FaceLlavaConfig) -> Any:
+    """The checkpoint's SentencePiece tokenizer (None when it has no `tokenizer.model`). Raises FaceLlavaError
+    for an unreadable file or one whose size is not the config's `vocab_size` (ids past the tokenizer cannot be
+    decoded, pieces past the embedding cannot be embedded)."""
+    path = Path(checkpoint_dir) / TOKENIZER_NAME
+    if not path.is_file():
+        return None
+    import sentencepiece
+
+    try:
+        tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as error:
+        raise FaceLlavaError(f"{path} is not a SentencePiece model ({str(error).splitlines()[0]})") from None
+    check_vocabulary_size(path, tokenizer.get_piece_size(), config.vocab_size)
+    return tokenizer
+
+
+def check_vocabulary_size(tokenizer_path: Path, pieces: int, vocab_size: int) -> None:
+    """Refuse a tokenizer whose piece count is not the config's `vocab_size`. Raises FaceLlavaError."""
+    if pieces != vocab_size:
+        raise FaceLlavaError(f"{tokenizer_path} has {pieces} pieces but config.json's vocab_size is {vocab_size}: "
+                             "the tokenizer and the checkpoint do not belong together (use the checkpoint's own "
+                             "tokenizer.model)")
 
 
 def _rebuild_rotary_embedding(model: FaceLlava) -> None:

@@ -443,6 +443,8 @@ class FaceLlava(nn.Module):
             self.landmarks_cross_attn = cross_attention(config.hidden_size, config.cross_attn_heads,
                                                         config.branch_scale)
         self.tokenizer: Any = None  # a sentencepiece.SentencePieceProcessor when the checkpoint has one
+        self.missing_towers: dict[str, str] = {}  # kind -> where the loader looked for it (`no_tower`)
+        self.tower_sources: dict[str, str] = {}  # kind -> where the loader found it
 
     @classmethod
     def from_pretrained(cls, checkpoint_dir: str | Path, image_tower: str | Path | None = None,
@@ -494,18 +496,21 @@ class FaceLlava(nn.Module):
         [B, 8, 257, D] (CLS kept). Raises FaceLlavaError when the checkpoint has no video tower."""
         return self.project_visual(self.video_features(pixel_values), landmarks)
 
+    def no_tower(self, kind: str) -> str:
+        """The one-line error for a tower this model lacks: where the loader looked, and what to pass."""
+        return self.missing_towers.get(kind) or (f"this model has no {kind} tower; pass --{kind}-tower DIR "
+                                                 f"({kind}_tower=DIR to from_pretrained), a LanguageBind directory")
+
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The image tower's features [B, 256, C] (CLS dropped), before the projector."""
         if self.image_tower is None:
-            raise FaceLlavaError("this model has no image tower; pass image_tower=DIR (a LanguageBind_Image "
-                                 "directory) to from_pretrained")
+            raise FaceLlavaError(self.no_tower("image"))
         return self.image_tower(pixel_values.to(self.dtype))[:, 1:]
 
     def video_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The video tower's features [B, 8, 257, C] (CLS kept), before the projector."""
         if self.video_tower is None:
-            raise FaceLlavaError("this model has no video tower; pass video_tower=DIR (a LanguageBind_Video_merge "
-                                 "directory) to from_pretrained")
+            raise FaceLlavaError(self.no_tower("video"))
         return self.video_tower(pixel_values.to(self.dtype))
 
     def project_visual(self, features: torch.Tensor, landmarks: torch.Tensor | None) -> torch.Tensor:

@@ -258,3 +258,44 @@ def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0, cross_attn: str = "
             "model_max_length": 2048, "padding_side": "right",
         }, indent=2))
     return out
+
+
+HUB_TOWER_REPOS = {IMAGE_TOWER_DIR: "LanguageBind/LanguageBind_Image",
+                   VIDEO_TOWER_DIR: "LanguageBind/LanguageBind_Video_merge"}
+
+
+def move_towers_to_hub_cache(checkpoint_dir: str | Path, cache: str | Path) -> dict[str, Path]:
+    """Move a checkpoint's LanguageBind tower directories into a Hugging Face hub cache, in the layout that
+    `huggingface_hub` (and the official code's `cache_dir`) leaves: `models--LanguageBind--<name>/` with
+    `blobs/<sha256>`, `snapshots/<commit>/<file>` links to them and `refs/main` naming the commit; then point
+    `config.json` at the towers by repo id, as the released config does. Returns {repo id: snapshot directory}.
+    Raises FaceLlavaError when the checkpoint has no tower directories."""
+    import hashlib
+    import os
+    import shutil
+
+    checkpoint, cache = Path(checkpoint_dir), Path(cache)
+    config_path = checkpoint / CONFIG_NAME
+    raw = json.loads(config_path.read_text())
+    snapshots = {}
+    for name, repo_id in HUB_TOWER_REPOS.items():
+        source = checkpoint / name
+        if not source.is_dir():
+            raise FaceLlavaError(f"{checkpoint} has no {name} directory to move into a hub cache")
+        repo = cache / ("models--" + repo_id.replace("/", "--"))
+        commit = hashlib.sha1(repo_id.encode()).hexdigest()  # any 40-hex name, as a git commit has
+        snapshot = repo / "snapshots" / commit
+        (repo / "blobs").mkdir(parents=True, exist_ok=True)
+        snapshot.mkdir(parents=True)
+        for path in sorted(source.iterdir()):
+            blob = repo / "blobs" / contract.file_sha256(path)
+            shutil.move(path, blob)
+            os.symlink(os.path.relpath(blob, snapshot), snapshot / path.name)
+        source.rmdir()
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+        kind = "image" if name == IMAGE_TOWER_DIR else "video"
+        raw[f"mm_{kind}_tower"] = repo_id
+        snapshots[repo_id] = snapshot
+    config_path.write_text(json.dumps(raw, indent=2))
+    return snapshots

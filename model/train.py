@@ -404,8 +404,7 @@ def train(data: str | Path, checkpoint: str | Path, out: str | Path, config: Tra
     kinds = Counter(record.kind for record in dataset.records)
     for kind in ("image", "video"):
         if kinds[kind] and getattr(model, f"{kind}_tower") is None:
-            raise FaceLlavaError(f"the data has {kinds[kind]} {kind} records but the checkpoint has no {kind} "
-                                 f"tower; pass --{kind}-tower DIR")
+            raise FaceLlavaError(f"the data has {kinds[kind]} {kind} records: {model.no_tower(kind)}")
 
     torch.manual_seed(config.seed)
     random.seed(config.seed)

@@ -204,3 +204,32 @@ def test_cli_make_tiny_and_inspect(tmp_path):
     assert described["towers"]["video"]["frames"] == 8 and described["towers"]["image"]["layers_used"] == 2
     assert_one_line_error(run_cli("make-tiny", out), "already exists")
     assert_one_line_error(run_cli("make-tiny", tmp_path / "x", "--shards", "0"), "shards")
+
+
+def test_a_tokenizer_that_is_not_the_configs_vocabulary_is_one_line(tmp_path, checkpoint_copy):
+    from facellava.model.tiny import train_tokenizer
+
+    (checkpoint_copy / "tokenizer.model").write_bytes(train_tokenizer(vocab_size=400))
+    expected = "tokenizer.model has 400 pieces but config.json's vocab_size is 512"
+    assert_one_line_error(run_cli("inspect", checkpoint_copy), expected)
+    # before this check, export llm decoded a parity answer past the tokenizer: a SentencePiece traceback
+    assert_one_line_error(run_cli("export", "llm", "--checkpoint", checkpoint_copy, "--out", tmp_path / "bundle",
+                                  "--types", "f32", "--quiet", subprocess_run=True), expected)
+    assert not (tmp_path / "bundle" / "llm-f32.gguf").exists()
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("hidden_size", "256", "hidden_size is '256'; expected a positive integer"),
+    ("vocab_size", 0, "vocab_size is 0; expected a positive integer"),
+    ("num_attention_heads", 3, "hidden_size 256 does not split into 3 attention heads"),
+    ("num_key_value_heads", 3, "4 attention heads do not group over 3 key/value heads"),
+    ("eos_token_id", 512, "eos_token_id 512 is not a token id of the 512-token vocabulary"),
+    ("mm_vision_select_layer", "-2", "mm_vision_select_layer is '-2'"),
+    ("rms_norm_eps", -1, "rms_norm_eps is -1; expected a positive number"),
+    ("mm_hidden_size", 256, "is 128 wide but config.json's mm_hidden_size is 256"),
+])
+def test_inconsistent_configs_are_one_line(checkpoint_copy, field, value, message):
+    config = json.loads((checkpoint_copy / "config.json").read_text())
+    config[field] = value
+    (checkpoint_copy / "config.json").write_text(json.dumps(config))
+    assert_one_line_error(run_cli("inspect", checkpoint_copy), message)
