@@ -126,13 +126,14 @@ class ImageReference:
 
 
 def build_references(checkpoint: str | Path, media: Sequence[Any], question: str,
-                     decode_tokens: int = DECODE_TOKENS) -> list[ImageReference]:
+                     decode_tokens: int = DECODE_TOKENS, image_tower: str | Path | None = None,
+                     video_tower: str | Path | None = None) -> list[ImageReference]:
     """The PyTorch reference on each bench image (`calibration.dataset.CalibrationSet.samples`)."""
     import torch
 
     from facellava.model.modeling import FaceLlava
 
-    model = FaceLlava.from_pretrained(checkpoint).eval()
+    model = FaceLlava.from_pretrained(checkpoint, image_tower=image_tower, video_tower=video_tower).eval()
     references = []
     with torch.inference_mode():
         for medium in media:
@@ -273,14 +274,19 @@ def _atomic_json(path: Path, data: Any) -> None:
 
 def run_bench(bundle: str | Path, out_dir: str | Path, images: str | Path | None = None, repeats: int = 3,
               variants: Sequence[str] | str | None = None, question: str = DEFAULT_QUESTION,
-              decode_tokens: int = DECODE_TOKENS, n_threads: int | None = None, progress: bool = True
-              ) -> list[dict[str, Any]]:
+              decode_tokens: int = DECODE_TOKENS, n_threads: int | None = None, progress: bool = True, *,
+              checkpoint: str | Path | None = None, image_tower: str | Path | None = None,
+              video_tower: str | Path | None = None) -> list[dict[str, Any]]:
     """Bench every (or each named) variant of a bundle on the images of `images` (a folder or one file; default:
-    the shipped photograph) and write `bench.{json,csv,md,png}` into `out_dir`. Variants already stored in
-    `out_dir/variants/` with the same settings are not measured again. Returns the variants' records. Raises
-    FaceLlavaError for a bad bundle, variant, image folder, or a repeat count below 1."""
+    the shipped photograph) and write `bench.{json,csv,md,png}` into `out_dir`. Fidelity is measured against
+    `checkpoint`, the PyTorch checkpoint the bundle was exported from (checked by its fingerprint; the path the
+    manifest records is never followed), with its towers found by `find_tower` (or given). Variants already
+    stored in `out_dir/variants/` with the same settings are not measured again (and need no checkpoint).
+    Returns the variants' records. Raises FaceLlavaError for a bad bundle, variant, image folder, a repeat count
+    below 1, or a missing or different checkpoint."""
     from facellava.bundle import Bundle
     from facellava.calibration.dataset import build_calibration_set
+    from facellava.model.loading import bundle_source_checkpoint
 
     if repeats < 1:
         raise FaceLlavaError("--repeats must be at least 1")
@@ -304,11 +310,8 @@ def run_bench(bundle: str | Path, out_dir: str | Path, images: str | Path | None
                 records[variant.name] = record
     todo = [v for v in chosen if v.name not in records]
     if todo:
-        checkpoint = opened.manifest.source.get("checkpoint")
-        if not checkpoint or not Path(checkpoint).is_dir():
-            raise FaceLlavaError(f"{opened.path}'s source checkpoint {checkpoint!r} is not on this machine; bench "
-                                 "measures fidelity against it")
-        references = build_references(checkpoint, media, question, decode_tokens)
+        source = bundle_source_checkpoint(opened, checkpoint)  # bench measures fidelity against it
+        references = build_references(source, media, question, decode_tokens, image_tower, video_tower)
         for variant in tqdm(todo, desc="bench", unit="variant", disable=not progress):
             record = bench_variant(opened, variant, paths, references, question, repeats,
                                    decode_tokens, n_threads)
@@ -412,7 +415,12 @@ def _plot(results: Sequence[dict[str, Any]], path: Path) -> None:
 
 
 def bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from facellava.model.cli import tower_arguments
+
     parser.add_argument("bundle", help="bundle directory")
+    parser.add_argument("--checkpoint", type=Path, help="the PyTorch checkpoint the bundle was exported from (the "
+                                                        "fidelity reference; needed unless every variant is stored)")
+    tower_arguments(parser)
     parser.add_argument("--out", required=True, help="output folder (finished variants are kept there and skipped)")
     parser.add_argument("--images", help="folder of face images (default: the shipped photograph)")
     parser.add_argument("--repeats", type=int, default=3, help="answers per image per variant")
@@ -424,7 +432,8 @@ def bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 def bench(args: argparse.Namespace) -> int:
     results = run_bench(args.bundle, args.out, args.images, args.repeats, args.variants, args.question,
-                        args.max_tokens, args.threads)
+                        args.max_tokens, args.threads, checkpoint=args.checkpoint, image_tower=args.image_tower,
+                        video_tower=args.video_tower)
     print(Path(args.out, "bench.md").read_text(), end="")
     print(f"wrote {', '.join(f'bench.{k}' for k in ('json', 'csv', 'md', 'png'))} for {len(results)} variants "
           f"into {args.out}")

@@ -184,9 +184,9 @@ def evaluate_bundle(bundle: str | Path, task: str, manifest: str | Path, out_dir
     x GGUF type), parse the answers and compute the task's metrics. Writes `eval-<task>.{json,csv,md}` into
     `out_dir` when given. Returns one record per variant. Raises FaceLlavaError for a bad task, manifest, bundle
     or variant (before any answer is generated) and for a sample the front end cannot read."""
+    from facellava.bundle import Bundle
     from facellava.calibration.bench import bundle_variants, write_reports
     from facellava.calibration.dataset import modality_of
-    from facellava.bundle import Bundle
     from facellava.runtime.pipeline import Pipeline
 
     samples = read_manifest(manifest, check_task(task))

@@ -159,28 +159,30 @@ def compute_imatrix(model: Any, prompts: Sequence[CalibrationPrompt], continuati
 def calibrate_llm_bundle(bundle: str | Path, data: str | Path, types: str | Sequence[str] = DEFAULT_LOW_BIT_TYPES,
                          limit: int | None = 64, seed: int = 0, continuation_tokens: int = CONTINUATION_TOKENS,
                          include_output: bool = False, allow_drift: bool = False, threads: int = 0,
-                         progress: bool = True) -> dict[str, Any]:
-    """Compute the multimodal importance matrix of a bundle's source checkpoint on the images and videos of
+                         progress: bool = True, *, checkpoint: str | Path | None = None,
+                         image_tower: str | Path | None = None, video_tower: str | Path | None = None
+                         ) -> dict[str, Any]:
+    """Compute the multimodal importance matrix of a bundle's source checkpoint (`checkpoint`, given by the user
+    and checked against the manifest's fingerprint; the path the manifest records is never followed; its towers
+    found by `find_tower`, or given) on the images and videos of
     `data` (a folder or a data JSON; a seeded selection of `limit`), store it in the bundle as `imatrix.gguf`
     (manifest kind "data"), then quantize the LLM to `types` with it (`export.llm.export_llm_bundle`, parity
-    checked). Returns {"imatrix": details, "parity": {file: figures}}. Raises FaceLlavaError for a bundle without a
-    source checkpoint, data without a usable face, or a type or parity problem (the bundle's GGUFs are then left
+    checked). Returns {"imatrix": details, "parity": {file: figures}}. Raises FaceLlavaError for a missing or
+    different checkpoint, data without a usable face, or a type or parity problem (the bundle's GGUFs are then left
     as they were)."""
     from facellava.bundle import Bundle, BundleWriter
     from facellava.calibration.dataset import build_calibration_set
     from facellava.export.llm import export_llm_bundle, parse_types
     from facellava.export.quantize import save_imatrix
+    from facellava.model.loading import bundle_source_checkpoint
     from facellava.model.modeling import FaceLlava
 
     parse_types(types, have_imatrix=True)  # a bad type name fails before the long work
     opened = Bundle.open(bundle)
-    checkpoint = opened.manifest.source.get("checkpoint")
-    if not checkpoint or not Path(checkpoint).is_dir():
-        raise FaceLlavaError(f"{opened.path}'s source checkpoint {checkpoint!r} is not on this machine; the "
-                             "importance matrix is computed from it")
+    source = bundle_source_checkpoint(opened, checkpoint)
     calibration = build_calibration_set(data, limit=limit, seed=seed, progress=progress)
     media = calibration.samples()
-    model = FaceLlava.from_pretrained(checkpoint).eval()
+    model = FaceLlava.from_pretrained(source, image_tower=image_tower, video_tower=video_tower).eval()
     prompts = calibration_prompts(model, media, progress)
     sums, counts, tokens = compute_imatrix(model, prompts, continuation_tokens, include_output, progress)
     del model
@@ -192,8 +194,9 @@ def calibrate_llm_bundle(bundle: str | Path, data: str | Path, types: str | Sequ
         save_imatrix(writer.stage(IMATRIX_NAME), sums, counts, datasets=[str(data)], chunk_count=len(prompts),
                      chunk_size=max(1, tokens // len(prompts)))
         writer.add(IMATRIX_NAME, "data", content="imatrix", **details)
-    parity = export_llm_bundle(checkpoint, opened.path, types, imatrix=Bundle.open(opened.path).path_of(IMATRIX_NAME),
-                               allow_drift=allow_drift, threads=threads, progress=progress)
+    parity = export_llm_bundle(source, opened.path, types, imatrix=Bundle.open(opened.path).path_of(IMATRIX_NAME),
+                               allow_drift=allow_drift, image_tower=image_tower, video_tower=video_tower,
+                               threads=threads, progress=progress)
     return {"imatrix": details, "parity": parity}
 
 
@@ -201,7 +204,12 @@ def calibrate_llm_bundle(bundle: str | Path, data: str | Path, types: str | Sequ
 
 
 def calibrate_llm_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("bundle", help="bundle directory (its manifest names the source checkpoint)")
+    from facellava.model.cli import tower_arguments
+
+    parser.add_argument("bundle", help="bundle directory")
+    parser.add_argument("--checkpoint", type=Path, required=True,
+                        help="the PyTorch checkpoint the bundle was exported from (checked by its fingerprint)")
+    tower_arguments(parser)
     parser.add_argument("--data", required=True, help="folder of images/videos, or a Face-LLaVA data JSON")
     parser.add_argument("--limit", type=int, default=64, help="at most this many files, a seeded random choice")
     parser.add_argument("--seed", type=int, default=0)
@@ -217,7 +225,9 @@ def calibrate_llm(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise FaceLlavaError("--limit must be at least 1")
     result = calibrate_llm_bundle(args.bundle, args.data, args.types, args.limit, args.seed,
-                                  args.continuation_tokens, args.process_output, args.allow_drift, args.threads)
+                                  args.continuation_tokens, args.process_output, args.allow_drift, args.threads,
+                                  checkpoint=args.checkpoint, image_tower=args.image_tower,
+                                  video_tower=args.video_tower)
     info = result["imatrix"]
     print(f"importance matrix: {info['entries']} weights, {info['prompts']} prompts ({info['images']} images, "
           f"{info['videos']} videos), {info['tokens']} tokens, {info['files_skipped']} files skipped")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from facellava.errors import FaceLlavaError
+from facellava.model.cli import tower_arguments
 
 
 def run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,6 +25,9 @@ def run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--face-index", type=int, help="which face, counted left to right (default: the largest)")
     parser.add_argument("--llm", help="GGUF type (default: the most precise in the bundle)")
     parser.add_argument("--vision", default="auto", help="auto, onnxruntime, tensorrt or torch")
+    parser.add_argument("--checkpoint", type=Path,
+                        help="with --vision torch: the PyTorch checkpoint the bundle was exported from")
+    tower_arguments(parser)
     parser.add_argument("--vision-precision", default="fp32",
                         help="fp32, fp16 (export vision) or int8 (calibrate vision)")
     parser.add_argument("--n-gpu-layers", type=int, default=0, help="LLM layers offloaded to the GPU (-1: all)")
@@ -63,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     image = camera_frame(args.camera) if args.camera is not None else args.image
     pipeline = Pipeline.open(args.bundle, vision=args.vision, llm=args.llm, n_gpu_layers=args.n_gpu_layers,
                              vision_precision=args.vision_precision, kv_type=args.kv_cache,
-                             flash_attn={"auto": None, "on": True, "off": False}[args.flash_attn])
+                             flash_attn={"auto": None, "on": True, "off": False}[args.flash_attn],
+                             checkpoint=args.checkpoint, image_tower=args.image_tower, video_tower=args.video_tower)
     try:
         stream = pipeline.ask(args.question, image=image, video=args.video, landmarks=args.landmarks,
                               no_landmarks=args.no_landmarks, no_face_crop=args.no_face_crop,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -219,12 +220,14 @@ class TensorRTVision(VisionBackend):
 
 
 class TorchVision(VisionBackend):
-    """The PyTorch reference on the bundle's source checkpoint (needs torch and the checkpoint on disk)."""
+    """The PyTorch reference on the bundle's source checkpoint (needs torch and the checkpoint, given by the user:
+    the path the manifest records lies outside the bundle and is never followed)."""
 
     name = "torch"
     precision = "fp32"
 
-    def __init__(self, bundle: Bundle):
+    def __init__(self, bundle: Bundle, checkpoint: str | Path | None = None, image_tower: str | Path | None = None,
+                 video_tower: str | Path | None = None):
         try:
             import torch
 
@@ -232,11 +235,11 @@ class TorchVision(VisionBackend):
         except ImportError:
             raise FaceLlavaError("the torch vision backend needs torch: install the `export` extra, or choose "
                                  "--vision onnxruntime") from None
-        checkpoint = bundle.manifest.source.get("checkpoint")
-        if not checkpoint:
-            raise FaceLlavaError(f"{bundle.path}'s manifest names no source checkpoint for the torch backend")
+        from facellava.model.loading import bundle_source_checkpoint
+
+        source = bundle_source_checkpoint(bundle, checkpoint, "--checkpoint (checkpoint= in Python)")
         self._torch = torch
-        self.model = FaceLlava.from_pretrained(checkpoint)
+        self.model = FaceLlava.from_pretrained(source, image_tower=image_tower, video_tower=video_tower)
 
     def encode(self, modality, pixel_values, landmarks):
         torch = self._torch
@@ -247,11 +250,16 @@ class TorchVision(VisionBackend):
             return encode(x, lm).float().numpy()
 
 
-def open_vision(bundle: Bundle, backend: str = "auto", precision: str = "fp32") -> VisionBackend:
+def open_vision(bundle: Bundle, backend: str = "auto", precision: str = "fp32", checkpoint: str | Path | None = None,
+                image_tower: str | Path | None = None, video_tower: str | Path | None = None) -> VisionBackend:
     """A vision backend for the bundle. `auto`: TensorRT when this device has engines for the bundle and
-    TensorRT is installed, else ONNX Runtime. Raises FaceLlavaError for an unknown or unavailable backend."""
+    TensorRT is installed, else ONNX Runtime. `torch` takes the source checkpoint (and optional tower
+    directories). Raises FaceLlavaError for an unknown or unavailable backend."""
     if backend not in BACKENDS:
         raise FaceLlavaError(f"unknown vision backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if backend != "torch" and (checkpoint, image_tower, video_tower) != (None, None, None):
+        raise FaceLlavaError("a checkpoint and tower directories are used by the torch vision backend only; add "
+                             "--vision torch or leave them out")
     if backend in ("auto", "tensorrt"):
         engines = TensorRTVision.engines_here(bundle, precision)
         if engines:
@@ -260,7 +268,7 @@ def open_vision(bundle: Bundle, backend: str = "auto", precision: str = "fp32") 
             raise FaceLlavaError(f"no {precision} TensorRT engines for this device in {bundle.path} (or TensorRT "
                                  "is not installed); build them with `facellava build-engine BUNDLE`")
     if backend == "torch":
-        return TorchVision(bundle)
+        return TorchVision(bundle, checkpoint, image_tower, video_tower)
     try:
         return OnnxRuntimeVision(bundle, precision)
     except ImportError:

@@ -24,11 +24,11 @@ def bundle_copy(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return copy
 
 
-def test_bench_writes_every_output_and_resumes(bundle_copy: Path, tmp_path: Path) -> None:
+def test_bench_writes_every_output_and_resumes(bundle_copy: Path, tiny_checkpoint: Path, tmp_path: Path) -> None:
     from PIL import Image
 
     out = tmp_path / "bench"
-    results = run_bench(bundle_copy, out, repeats=1, decode_tokens=8, progress=False)
+    results = run_bench(bundle_copy, out, repeats=1, decode_tokens=8, progress=False, checkpoint=tiny_checkpoint)
     assert [r["variant"] for r in results] == ["fp32+f32"]
     record = results[0]
     for name in ("bench.json", "bench.csv", "bench.md", "bench.png", "variants/fp32+f32.json"):
@@ -47,7 +47,7 @@ def test_bench_writes_every_output_and_resumes(bundle_copy: Path, tmp_path: Path
     with (out / "bench.csv").open() as handle:
         assert next(csv.DictReader(handle))["variant"] == "fp32+f32"
 
-    # a re-run takes the stored variant instead of measuring again
+    # a re-run takes the stored variant instead of measuring again (and needs no checkpoint)
     stored = out / "variants" / "fp32+f32.json"
     marked = json.loads(stored.read_text())
     marked["latency"]["total_ms"]["p50"] = -1.0
@@ -55,8 +55,21 @@ def test_bench_writes_every_output_and_resumes(bundle_copy: Path, tmp_path: Path
     again = run_bench(bundle_copy, out, repeats=1, decode_tokens=8, progress=False)
     assert again[0]["latency"]["total_ms"]["p50"] == -1.0
     # other settings measure again
-    fresh = run_bench(bundle_copy, out, repeats=2, decode_tokens=8, progress=False)
+    fresh = run_bench(bundle_copy, out, repeats=2, decode_tokens=8, progress=False, checkpoint=tiny_checkpoint)
     assert fresh[0]["latency"]["total_ms"]["p50"] > 0 and fresh[0]["answers"] == 2
+
+
+def test_bench_takes_the_checkpoint_from_the_user_never_from_the_manifest(
+        bundle_copy: Path, tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["bench", str(bundle_copy), "--out", str(tmp_path / "a")]) == 1
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "pass --checkpoint DIR" in error
+    assert f"(the bundle records '{tiny_checkpoint.resolve()}')" in error
+    other = Path(shutil.copytree(tiny_checkpoint, tmp_path / "other"))
+    (other / "config.json").write_text((other / "config.json").read_text() + "\n")
+    assert main(["bench", str(bundle_copy), "--out", str(tmp_path / "b"), "--checkpoint", str(other)]) == 1
+    assert "is not the checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "a" / "bench.json").exists() and not (tmp_path / "b" / "bench.json").exists()
 
 
 def test_bench_rejects_unknown_variant(bundle_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -124,7 +124,8 @@ def test_matrix_is_used_and_lowers_kl(uneven) -> None:
     assert measured < 0.85 * flat
 
 
-def test_calibrate_llm_cli_into_bundle(tiny_bundle: Path, face_photo: Path, tmp_path: Path) -> None:
+def test_calibrate_llm_cli_into_bundle(tiny_bundle: Path, tiny_checkpoint: Path, face_photo: Path, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture) -> None:
     from facellava.cli import main
 
     bundle = tmp_path / "bundle"
@@ -133,7 +134,17 @@ def test_calibrate_llm_cli_into_bundle(tiny_bundle: Path, face_photo: Path, tmp_
     data.mkdir()
     shutil.copy(face_photo, data / "a.jpg")
     (data / "broken.jpg").write_bytes(b"not an image")
-    assert main(["calibrate", "llm", str(bundle), "--data", str(data), "--types", "iq4_xs", "--allow-drift"]) == 0
+    before = (bundle / "manifest.json").read_bytes()
+    # the checkpoint is the user's to give (the manifest's path lies outside the bundle) and must be the source
+    other = Path(shutil.copytree(tiny_checkpoint, tmp_path / "other"))
+    (other / "config.json").write_text((other / "config.json").read_text() + "\n")
+    assert main(["calibrate", "llm", str(bundle), "--data", str(data), "--checkpoint", str(other)]) == 1
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "is not the checkpoint" in error
+    assert f"(the bundle records '{tiny_checkpoint.resolve()}')" in error
+    assert (bundle / "manifest.json").read_bytes() == before
+    assert main(["calibrate", "llm", str(bundle), "--data", str(data), "--checkpoint", str(tiny_checkpoint),
+                 "--types", "iq4_xs", "--allow-drift"]) == 0
     manifest = json.loads((bundle / "manifest.json").read_text())
     entry = manifest["files"][IMATRIX_NAME]
     assert entry["kind"] == "data" and entry["prompts"] == 1 and entry["files_skipped"] == 1
@@ -142,4 +153,5 @@ def test_calibrate_llm_cli_into_bundle(tiny_bundle: Path, face_photo: Path, tmp_
     from facellava.bundle import Bundle
 
     Bundle.open(bundle).path_of(IMATRIX_NAME)  # hash recorded and matching
-    assert main(["calibrate", "llm", str(bundle), "--data", str(tmp_path / "empty")]) == 1
+    assert main(["calibrate", "llm", str(bundle), "--data", str(tmp_path / "empty"), "--checkpoint",
+                 str(tiny_checkpoint)]) == 1

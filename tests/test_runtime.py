@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -91,11 +92,23 @@ def test_streaming_and_sampling(pipeline, face_photo):
     assert len(short.tokens) <= 3
 
 
-def test_the_torch_backend_is_the_reference_the_onnx_backend_matches(pipeline, tiny_bundle, face_photo):
+def test_the_torch_backend_is_the_reference_the_onnx_backend_matches(pipeline, tiny_bundle, tiny_checkpoint,
+                                                                     face_photo, tmp_path):
     from facellava.runtime.vision import open_vision
 
     prepared = pipeline.prepare(image=face_photo)
-    reference = open_vision(pipeline.bundle, "torch").encode("image", prepared.pixel_values, prepared.landmarks)
+    # the checkpoint is given, never taken from the manifest (a path outside the bundle), and must be the source
+    with pytest.raises(FaceLlavaError, match="pass --checkpoint") as missing:
+        open_vision(pipeline.bundle, "torch")
+    assert f"(the bundle records '{tiny_checkpoint.resolve()}')" in str(missing.value)
+    other = shutil.copytree(tiny_checkpoint, tmp_path / "other")
+    (other / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(FaceLlavaError, match="is not the checkpoint .* was exported from"):
+        open_vision(pipeline.bundle, "torch", checkpoint=other)
+    with pytest.raises(FaceLlavaError, match="torch vision backend only"):
+        open_vision(pipeline.bundle, "onnxruntime", checkpoint=tiny_checkpoint)
+    reference = open_vision(pipeline.bundle, "torch", checkpoint=tiny_checkpoint).encode(
+        "image", prepared.pixel_values, prepared.landmarks)
     exported = pipeline.vision.encode("image", prepared.pixel_values, prepared.landmarks)
     assert reference.shape == exported.shape == (1, 256, 256)
     assert np.linalg.norm(exported - reference) / np.linalg.norm(reference) < 1e-4
