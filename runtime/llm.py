@@ -85,6 +85,54 @@ def usable_cores() -> int:
 
 KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "f32": llama_cpp.GGML_TYPE_F32}
 
+# --- llama.cpp's CPU thread pool ----------------------------------------------------------------------------
+
+# ggml's worker threads busy-wait ("poll", 0-100, ggml's default 50) between the operations of a graph. On cores
+# of their own that saves wake-ups; on cores shared with other work (a kiosk's camera, page and OS) a spinning
+# thread holds a core that the thread it waits for needs, and decoding collapses (benchmarks/decode_contention.py).
+# llama-cpp-python 0.3.36 does not bind the thread pool API, so it is bound here from ggml's own libraries.
+_GGML_MAX_N_THREADS = 512  # ggml.h
+GGML_DEFAULT_POLL = 50  # ggml_threadpool_params_default; llama.cpp's own pool then
+DEFAULT_POLL = GGML_DEFAULT_POLL  # chosen from benchmarks/decode_contention.py's measurements
+
+
+class _ThreadpoolParams(ctypes.Structure):
+    _fields_ = [("cpumask", ctypes.c_bool * _GGML_MAX_N_THREADS), ("n_threads", ctypes.c_int),
+                ("prio", ctypes.c_int), ("poll", ctypes.c_uint32), ("strict_cpu", ctypes.c_bool),
+                ("paused", ctypes.c_bool)]
+
+
+def _ggml_threadpool_api() -> tuple[ctypes.CDLL, ctypes.CDLL, ctypes.CDLL]:
+    """(libggml-base, libggml-cpu, libllama) from llama-cpp-python's lib folder (the copies it already loaded),
+    with the thread pool functions typed."""
+    folder = Path(llama_cpp.__file__).parent / "lib"
+    base, cpu, llama = (ctypes.CDLL(str(folder / name)) for name in
+                        ("libggml-base.so", "libggml-cpu.so", "libllama.so"))
+    base.ggml_threadpool_params_default.restype = _ThreadpoolParams
+    base.ggml_threadpool_params_default.argtypes = [ctypes.c_int]
+    cpu.ggml_threadpool_new.restype = ctypes.c_void_p
+    cpu.ggml_threadpool_new.argtypes = [ctypes.POINTER(_ThreadpoolParams)]
+    cpu.ggml_threadpool_free.argtypes = [ctypes.c_void_p]
+    llama.llama_attach_threadpool.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    return base, cpu, llama
+
+
+def _attach_threadpool(context: llama_cpp.llama_context_p, n_threads: int, poll: int) -> ctypes.c_void_p:
+    """A thread pool of `n_threads` with polling level `poll`, attached to `context` for decode and batch
+    work; free it with `_free_threadpool` after the context. Raises FaceLlavaError when ggml cannot make it."""
+    base, cpu, llama = _ggml_threadpool_api()
+    params = base.ggml_threadpool_params_default(n_threads)
+    params.poll = poll
+    pool = cpu.ggml_threadpool_new(ctypes.byref(params))
+    if not pool:
+        raise FaceLlavaError(f"llama.cpp cannot start {n_threads} threads")
+    llama.llama_attach_threadpool(context, pool, pool)
+    return ctypes.c_void_p(pool)
+
+
+def _free_threadpool(pool: ctypes.c_void_p) -> None:
+    _ggml_threadpool_api()[1].ggml_threadpool_free(pool)
+
 # --- the model ----------------------------------------------------------------------------------------------
 
 
@@ -96,10 +144,11 @@ class LlamaModel:
     """
 
     def __init__(self, path: Path, model: llama_cpp.llama_model_p, context: llama_cpp.llama_context_p,
-                 n_batch: int):
+                 n_batch: int, threadpool: ctypes.c_void_p | None = None):
         self.path = path
         self._model = model
         self._context = context
+        self._threadpool = threadpool
         self._vocab = llama_cpp.llama_model_get_vocab(model)
         self.n_ctx = llama_cpp.llama_n_ctx(context)
         self.n_batch = n_batch
@@ -115,16 +164,20 @@ class LlamaModel:
     @classmethod
     def open(cls, path: str | Path, n_ctx: int = 4096, n_gpu_layers: int = 0, n_batch: int = 512,
              n_threads: int | None = None, kv_type: str = "f16", flash_attn: bool | None = None,
-             verbose: bool = False) -> LlamaModel:
+             poll: int | None = None, verbose: bool = False) -> LlamaModel:
         """Load a GGUF and create a context of `n_ctx` positions; `n_gpu_layers` layers go to the GPU (-1: all)
         when llama.cpp was built with one; `kv_type` is the KV cache's precision ("f16", llama.cpp's default,
         or "f32"); `flash_attn` True/False forces llama.cpp's flash attention on or off, None lets it choose
         (its CPU kernel works in half precision: about 1e-3..1e-2 relative logit error on long prompts);
         `n_threads` defaults to the cores this process may use (llama.cpp's own default is a fixed 4, which
-        oversubscribes a 2-core machine and made decoding 10x slower there).
+        oversubscribes a 2-core machine and made decoding 10x slower there); `poll` (0-100) is how hard its
+        threads busy-wait between operations (None: `DEFAULT_POLL`, see the thread pool section above).
         Raises FaceLlavaError when the file is missing or llama.cpp cannot load it."""
         if kv_type not in KV_TYPES:
             raise FaceLlavaError(f"unknown KV cache type {kv_type!r}; expected one of {', '.join(KV_TYPES)}")
+        poll = DEFAULT_POLL if poll is None else poll
+        if not 0 <= poll <= 100:
+            raise FaceLlavaError(f"poll must be from 0 to 100, got {poll}")
         path = Path(path)
         if not path.is_file():
             raise FaceLlavaError(f"GGUF file {path} does not exist")
@@ -158,7 +211,8 @@ class LlamaModel:
                     held.clear()
                 raise FaceLlavaError(f"llama.cpp cannot create a {n_ctx}-token context for {path} ({recent_log()}); "
                                      "try a smaller context or fewer GPU layers")
-        return cls(path, model, context, n_batch)
+        threadpool = None if poll == GGML_DEFAULT_POLL else _attach_threadpool(context, n_threads, poll)
+        return cls(path, model, context, n_batch, threadpool)
 
     @property
     def context(self) -> llama_cpp.llama_context_p:
@@ -321,7 +375,9 @@ class LlamaModel:
             llama_cpp.llama_batch_free(self._embd_batch)
             llama_cpp.llama_free(self._context)
             llama_cpp.llama_model_free(self._model)
-            self._context = self._model = None
+            if self._threadpool is not None:
+                _free_threadpool(self._threadpool)
+            self._context = self._model = self._threadpool = None
 
     def __enter__(self) -> LlamaModel:
         return self
