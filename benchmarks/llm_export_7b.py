@@ -4,7 +4,8 @@ Writes a checkpoint in the official layout (config.json, sharded `pytorch_model-
 tokenizer.model) with LLaMA-2-7B shapes (hidden 4096, 32 layers, 32 heads, FFN 11008, vocab 32000) plus the
 multimodal tensors the export must strip (mm projector 1024->4096->4096, FRLP, FRGCA), random fp16 weights,
 generated shard by shard so that writing it costs one shard of memory. The tokenizer is the tiny SentencePiece
-model (the GGUF vocabulary is padded to 32000 with unused tokens): the benchmark measures weights, not words.
+model grown to 32000 pieces with unused ones (`model.tiny.pad_tokenizer`): the benchmark measures weights, not
+words.
 
 Then it runs each export step in its own subprocess, so that the peak resident memory reported (getrusage
 VmHWM, file-backed pages included) is that step's alone: the F16 conversion (`convert_to_gguf`), the
@@ -83,7 +84,7 @@ def write_checkpoint(directory: Path, layers_per_shard: int, layers: int = LLAMA
     figures."""
     import torch
 
-    from facellava.model.tiny import tiny_config, train_tokenizer
+    from facellava.model.tiny import pad_tokenizer, tiny_config, train_tokenizer
 
     directory.mkdir(parents=True)
     h, v, n_layers = LLAMA_7B["hidden_size"], LLAMA_7B["vocab_size"], layers
@@ -115,7 +116,7 @@ def write_checkpoint(directory: Path, layers_per_shard: int, layers: int = LLAMA
     config = tiny_config(vocab_size=v, cross_attn="simple", towers="none")
     config.update(LLAMA_7B, num_hidden_layers=n_layers, mm_hidden_size=MM_HIDDEN, torch_dtype="float16")
     (directory / "config.json").write_text(json.dumps(config, indent=2))
-    (directory / "tokenizer.model").write_bytes(train_tokenizer())
+    (directory / "tokenizer.model").write_bytes(pad_tokenizer(train_tokenizer(), v))
     return {"checkpoint_gb": total / 1e9, "shards": len(shards), "tensors": len(weight_map),
             "write_s": time.perf_counter() - started}
 

@@ -75,6 +75,19 @@ def train_tokenizer(vocab_size: int = TINY_VOCAB) -> bytes:
     return model.getvalue()
 
 
+def pad_tokenizer(model_bytes: bytes, vocab_size: int) -> bytes:
+    """A SentencePiece model grown to `vocab_size` pieces with UNUSED ones (`<unused_N>`, never produced by
+    encoding), so that a small trained tokenizer fits a checkpoint of LLaMA's 32000-token vocabulary. Returns the
+    model file's bytes; a model that already has `vocab_size` pieces or more comes back unchanged."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    model = sentencepiece_model_pb2.ModelProto()
+    model.ParseFromString(model_bytes)
+    for i in range(len(model.pieces), vocab_size):
+        model.pieces.add(piece=f"<unused_{i}>", score=0.0, type=sentencepiece_model_pb2.ModelProto.SentencePiece.UNUSED)
+    return model.SerializeToString()
+
+
 def tiny_config(vocab_size: int, cross_attn: str, towers: TowerPlacement) -> dict:
     """The tiny model's `config.json`, with the official keys and values but small sizes."""
     return {
