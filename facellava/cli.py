@@ -41,6 +41,9 @@ SUBCOMMANDS: dict[str, Subcommand] = {
                                "tensorrt"),
     "run": Subcommand("facellava.runtime.cli", "run", "answer a question about a photo, video or camera frame",
                       "runtime"),
+    "serve": Subcommand("facellava.runtime.serve.cli", "serve",
+                        "an OpenAI-compatible HTTP server (chat completions with images and videos) on loopback",
+                        "serve"),
     "train": Subcommand("facellava.model.cli", "train",
                         "train a checkpoint (stage 1 or 2, optional LoRA) on a data file", "train"),
     "make-synthetic-data": Subcommand("facellava.model.cli", "make_synthetic_data",
@@ -69,7 +72,8 @@ EXTRA_PACKAGES: dict[str, str] = {
     "onnxscript": "onnxscript", "gguf": "gguf", "peft": "peft", "matplotlib": "matplotlib",
     "onnxruntime": "onnxruntime", "llama_cpp": "llama-cpp-python", "sentencepiece": "sentencepiece",
     "mediapipe": "mediapipe", "cv2": "opencv (mediapipe's opencv-contrib-python)", "PIL": "pillow",
-    "tqdm": "tqdm", "tensorrt": "tensorrt", "cuda": "cuda-python",
+    "tqdm": "tqdm", "tensorrt": "tensorrt", "cuda": "cuda-python", "jsonschema": "jsonschema",
+    "fastapi": "fastapi", "starlette": "fastapi (starlette)", "uvicorn": "uvicorn",
 }
 
 

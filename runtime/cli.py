@@ -10,10 +10,14 @@ from pathlib import Path
 from facellava.errors import FaceLlavaError
 from facellava.model.cli import tower_arguments
 
+MAX_TOKENS_DEFAULT = 256
+
 
 def run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", type=Path, help="an exported bundle directory")
-    parser.add_argument("question", help="the question, e.g. \"What emotion is shown in the video?\"")
+    parser.add_argument("question", nargs="?",
+                        help="the question, e.g. \"What emotion is shown in the video?\" (default with --task: the "
+                             "task's official question)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", type=Path, help="a photograph")
     source.add_argument("--video", type=Path, help="a video (8 frames are taken as the official processor does)")
@@ -34,12 +38,15 @@ def run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache", choices=["f16", "f32"], default="f16", help="llama.cpp's KV cache type")
     parser.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto",
                         help="llama.cpp's flash attention (off + --kv-cache f32: as exact as the export's parity)")
-    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--max-tokens", type=int,
+                        help=f"default {MAX_TOKENS_DEFAULT}; with --task, the task schema's longest answer")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    parser.add_argument("--task", help="answer as JSON in the task's schema: emotion, action_units, age, attributes "
+                                       "or deepfake (constrained decoding; see facellava.runtime.structured)")
 
 
 def camera_frame(index: int):
@@ -60,6 +67,17 @@ def run(args: argparse.Namespace) -> int:
     from facellava.runtime.pipeline import Pipeline
     from facellava.runtime.session import Sampling, check_max_tokens, check_question
 
+    task = None
+    if args.task is not None:
+        from facellava.runtime import structured
+
+        task = structured.get_task(args.task)
+        if args.question is None:
+            args.question = task.question
+    elif args.question is None:
+        raise FaceLlavaError("give a question (or --task NAME to ask a task's official question)")
+    if args.max_tokens is None:
+        args.max_tokens = task.max_tokens if task is not None else MAX_TOKENS_DEFAULT
     # the API's own checks, made before the bundle is opened and the LLM loaded
     check_question(args.question)
     check_max_tokens(args.max_tokens)
@@ -74,13 +92,15 @@ def run(args: argparse.Namespace) -> int:
                               no_landmarks=args.no_landmarks, no_face_crop=args.no_face_crop,
                               face_index=args.face_index, max_tokens=args.max_tokens,
                               temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                              stream=True)
+                              stream=True, grammar=task.grammar if task else None)
         for piece in stream:
             if not args.json:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
         answer = stream.answer
         assert answer is not None
+        if task is not None and answer.finish_reason != "length":
+            structured.parse_answer(answer.text, task.schema)  # the grammar guarantees it; a miss is an error
         if args.json:
             print(json.dumps({**answer.to_json(), "vision_backend": pipeline.vision.name}))
         else:

@@ -11,6 +11,7 @@ for piece in pipeline.ask("How old is this person?", image="face.jpg", stream=Tr
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -58,7 +59,7 @@ class Answer:
     modality: str
     landmarks: str  # where the landmarks came from: "face mesh", "file", "none", "none (face mesh found none)"
     prompt_positions: int
-    reused_prefix_positions: int  # of the prompt's positions, those already in the KV cache (the system prompt)
+    reused_prefix_positions: int  # of the prompt's positions, those already in the KV cache (system prompt, medium)
     timings: Timings = field(default_factory=Timings)
 
     def to_json(self) -> dict[str, Any]:
@@ -85,6 +86,19 @@ class PreparedInput:
     landmarks: np.ndarray | None  # [1,68,2] or [1,8,68,2]
     landmarks_source: str
     timings: Timings
+
+
+def medium_key(prepared: PreparedInput) -> str:
+    """A key of what the vision graph sees: the modality, the preprocessed pixels and the landmarks (sha256)."""
+    digest = hashlib.sha256(prepared.modality.encode())
+    for array in (prepared.pixel_values, prepared.landmarks):
+        if array is None:
+            digest.update(b"none")
+        else:
+            array = np.ascontiguousarray(array)
+            digest.update(f"{array.dtype}{array.shape}".encode())
+            digest.update(array.data)
+    return digest.hexdigest()
 
 
 class Pipeline:
@@ -179,28 +193,34 @@ class Pipeline:
             landmarks: str | Path | np.ndarray | None = None, no_landmarks: bool = False,
             no_face_crop: bool = False, face_index: int | None = None, max_tokens: int = 256,
             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-            stream: bool = False) -> Answer | AnswerStream:
+            stream: bool = False, grammar: str | None = None) -> Answer | AnswerStream:
         """Answer a question about one image (a path or an RGB array) or one video (a path).
 
         `landmarks` is an official-format .npy (or an array already divided by 256); `no_landmarks` runs the
         model without FRLP/FRGCA. Greedy unless `temperature` > 0. Returns the Answer, or with `stream` an
         AnswerStream yielding text pieces whose `answer` is set at the end. Raises FaceLlavaError for bad input:
         a question that is empty or not valid text, a sampling value out of range (`Sampling`), `max_tokens` < 1.
+        `grammar` (GBNF, e.g. `structured.TASKS["age"].grammar`) constrains the answer. A question about the same
+        pixels and landmarks as the previous one skips the vision graph and reuses the KV cache up to the visual
+        block (`medium_key`); `session.forget_medium()` turns that off for the next question.
         """
         # checked before the face front end and the vision graph run, so a bad value costs nothing
         check_question(question)
         max_tokens = check_max_tokens(max_tokens)
-        sampling = Sampling(temperature, top_p, top_k, seed)
+        sampling = Sampling(temperature, top_p, top_k, seed, grammar)
         start = time.perf_counter()
         prepared = self.prepare(image, video, landmarks, no_landmarks, no_face_crop, face_index)
-        tokens, prepared.timings.vision_ms = self.vision.encode_timed(prepared.modality, prepared.pixel_values,
-                                                                      prepared.landmarks)
-        blocks = list(tokens[0]) if prepared.modality == "video" else [tokens[0]]
-        if blocks[0].shape[-1] != self.session.llm.n_embd:
-            raise FaceLlavaError(f"the vision graph gives {blocks[0].shape[-1]}-wide tokens but the LLM takes "
-                                 f"{self.session.llm.n_embd}: the bundle mixes two models; export it again")
+        medium = medium_key(prepared)
+        blocks = None
+        if not self.session.has_medium(medium, prepared.modality):
+            tokens, prepared.timings.vision_ms = self.vision.encode_timed(prepared.modality, prepared.pixel_values,
+                                                                          prepared.landmarks)
+            blocks = list(tokens[0]) if prepared.modality == "video" else [tokens[0]]
+            if blocks[0].shape[-1] != self.session.llm.n_embd:
+                raise FaceLlavaError(f"the vision graph gives {blocks[0].shape[-1]}-wide tokens but the LLM takes "
+                                     f"{self.session.llm.n_embd}: the bundle mixes two models; export it again")
         generation = Generation()
-        pieces = self.session.stream(question, prepared.modality, blocks, max_tokens, sampling, generation)
+        pieces = self.session.stream(question, prepared.modality, blocks, max_tokens, sampling, generation, medium)
 
         def finish() -> Answer:
             timings = prepared.timings

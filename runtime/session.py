@@ -75,12 +75,14 @@ class Sampling:
     The values are checked when it is made, the one check for the Python API and the CLI alike: temperature
     finite and >= 0, top-p in (0, 1], top-k from 0 to 2**31 - 1, seed from 0 to SEED_MAX. Raises FaceLlavaError
     for any other value (a NaN temperature would otherwise reach llama.cpp and sample from garbage).
+    `grammar` (GBNF text, root rule `root`; see `facellava.runtime.structured`) constrains every token first.
     """
 
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         self.temperature = _real("temperature", self.temperature)
@@ -96,8 +98,22 @@ class Sampling:
         if not 0 <= self.seed <= SEED_MAX:
             raise FaceLlavaError(f"seed must be from 0 to {SEED_MAX} (llama.cpp's seeds are 32-bit), got {self.seed}")
 
-    def sampler_chain(self) -> ctypes.c_void_p:
+        if self.grammar is not None and not isinstance(self.grammar, str):
+            raise FaceLlavaError(f"grammar must be GBNF text, got {type(self.grammar).__name__}")
+
+    def sampler_chain(self, vocab: llama_cpp.llama_vocab_p | None = None) -> ctypes.c_void_p:
+        """The llama.cpp sampler chain (the one place it is built): the grammar first when there is one (it needs
+        the model's `vocab`), then greedy, or top-k, top-p, temperature and the seeded draw. The caller frees it
+        (`llama_sampler_free`). Raises FaceLlavaError when llama.cpp cannot parse the grammar."""
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        if self.grammar is not None:
+            if vocab is None:
+                raise ValueError("a grammar needs the model's vocab")
+            grammar = llama_cpp.llama_sampler_init_grammar(vocab, self.grammar.encode("utf-8"), b"root")
+            if not grammar:
+                llama_cpp.llama_sampler_free(chain)
+                raise FaceLlavaError("llama.cpp cannot parse the grammar (see its log); check the JSON schema")
+            llama_cpp.llama_sampler_chain_add(chain, grammar)
         if self.temperature <= 0:
             llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
             return chain
@@ -130,7 +146,9 @@ class Generation:
 
 class ChatSession:
     """The `llava_v1` conversation on one LlamaModel. Each `ask` is one USER turn about one image or video;
-    the system prompt's tokens are decoded once and reused from the KV cache by every later question."""
+    the system prompt's tokens are decoded once and reused from the KV cache by every later question, and so is
+    the prompt up to the end of the last visual block while the questions are about the same medium (a `medium`
+    key given to `stream`): only the new question is then prefilled."""
 
     def __init__(self, llm: LlamaModel, stop: Sequence[str] = (contract.STOP_STRING,)):
         self.llm = llm
@@ -138,6 +156,16 @@ class ChatSession:
         # the text before the first visual block is the same for every question
         self.prefix_ids = contract.tokenize_chunks(contract.prompt_chunks("", "image")[:1], llm.tokenize, llm.bos_id)
         self._prefix_cached = False
+        # (medium key, modality, KV positions up to the end of its last visual block) while those are cached
+        self._medium: tuple[str, str, int] | None = None
+
+    def has_medium(self, medium: str | None, modality: contract.Modality) -> bool:
+        """Whether the KV cache holds the prompt up to the visual block of `medium` (so `stream` needs no blocks)."""
+        return medium is not None and self._medium is not None and self._medium[:2] == (medium, modality)
+
+    def forget_medium(self) -> None:
+        """Drop the cached visual block: the next question prefills its medium again (the system prompt stays)."""
+        self._medium = None
 
     def prompt_ids(self, question: str, modality: contract.Modality) -> list[int]:
         """The prompt's ids under the official chunked rule, visual blocks marked by IMAGE_TOKEN_INDEX; the
@@ -145,11 +173,15 @@ class ChatSession:
         return contract.tokenize_chunks(contract.prompt_chunks(question, modality), self.llm.tokenize,
                                         self.llm.bos_id)
 
-    def stream(self, question: str, modality: contract.Modality, visual_blocks: Sequence[np.ndarray],
-               max_tokens: int = 256, sampling: Sampling | None = None,
-               result: Generation | None = None) -> Iterator[str]:
+    def stream(self, question: str, modality: contract.Modality, visual_blocks: Sequence[np.ndarray] | None,
+               max_tokens: int = 256, sampling: Sampling | None = None, result: Generation | None = None,
+               medium: str | None = None) -> Iterator[str]:
         """Yield the answer's text piece by piece; `result` (when given) is filled in as it goes.
 
+        `medium` is a key of the image or video (the same key for the same pixels and landmarks, e.g.
+        `pipeline.medium_key`): the KV cache of the prompt up to its last visual block is kept, and the next
+        question with the same key and modality prefills only its own text; `visual_blocks` may then be None.
+        A different key replaces it. Reuse gives the same tokens as a fresh prefill.
         Raises FaceLlavaError for a question that is empty or not valid text, `max_tokens` below 1, or a prompt
         that does not fit the context.
         """
@@ -159,25 +191,44 @@ class ChatSession:
         ids = self.prompt_ids(question, modality)
         if ids[:len(self.prefix_ids)] != self.prefix_ids:
             raise RuntimeError("the prompt does not start with the cached system prefix")
-        visual_positions = sum(len(block) for block in visual_blocks)
-        result.prompt_positions = len(ids) - ids.count(contract.IMAGE_TOKEN_INDEX) + visual_positions
+        # everything up to the end of the last visual block is the same for every question about one medium
+        split = len(ids) - ids[::-1].index(contract.IMAGE_TOKEN_INDEX)
+        head, tail = ids[len(self.prefix_ids):split], ids[split:]
+        reuse = self.has_medium(medium, modality)
+        if reuse:
+            assert self._medium is not None
+            result.prompt_positions = self._medium[2] + len(tail)
+        else:
+            if visual_blocks is None:
+                raise ValueError("visual_blocks are needed: the KV cache does not hold this medium")
+            visual_positions = sum(len(block) for block in visual_blocks)
+            result.prompt_positions = len(ids) - ids.count(contract.IMAGE_TOKEN_INDEX) + visual_positions
         if result.prompt_positions + 1 > self.llm.n_ctx:
             raise FaceLlavaError(f"the prompt takes {result.prompt_positions} positions and the context holds "
                                  f"{self.llm.n_ctx}; shorten the question or open the LLM with a larger context")
 
         start = time.perf_counter()
-        if self._prefix_cached:
-            self.llm.rewind(len(self.prefix_ids))
-            result.reused_prefix = len(self.prefix_ids)
+        if reuse:
+            assert self._medium is not None
+            self.llm.rewind(self._medium[2])
+            result.reused_prefix = self._medium[2]
         else:
-            self.llm.reset()
-            self.llm.eval_tokens(self.prefix_ids)
-            self._prefix_cached = True
-        self.llm.eval_prompt(ids[len(self.prefix_ids):], visual_blocks)
+            self._medium = None  # until the new block is fully in the cache
+            if self._prefix_cached:
+                self.llm.rewind(len(self.prefix_ids))
+                result.reused_prefix = len(self.prefix_ids)
+            else:
+                self.llm.reset()
+                self.llm.eval_tokens(self.prefix_ids)
+                self._prefix_cached = True
+            self.llm.eval_prompt(head, visual_blocks)
+            if medium is not None:
+                self._medium = (medium, modality, self.llm.n_past)
+        self.llm.eval_tokens(tail)
         yield from self._decode(result, max_tokens, sampling or Sampling(), start)
 
     def _decode(self, result: Generation, max_tokens: int, sampling: Sampling, start: float) -> Iterator[str]:
-        chain = sampling.sampler_chain()
+        chain = sampling.sampler_chain(self.llm.vocab)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         pending = ""  # decoded text held back while it could be the start of a stop string
         first = True

@@ -195,7 +195,8 @@ def test_cli_refuses_argv_bytes_that_are_not_utf8(tiny_bundle, face_photo):
 # --- 4. a runtime-only install ------------------------------------------------------------------------------
 
 # Packages that `pip install facellava-edge[runtime]` does not bring.
-NOT_IN_RUNTIME = ("torch", "transformers", "onnx", "onnxscript", "gguf", "peft", "matplotlib", "safetensors")
+NOT_IN_RUNTIME = ("torch", "transformers", "onnx", "onnxscript", "gguf", "peft", "matplotlib", "safetensors",
+                  "fastapi", "starlette", "uvicorn")
 
 # Run first in a fresh interpreter: every meta-path finder is wrapped so that none finds those packages (or their
 # submodules), exactly as when they are not installed (`import torch` raises ModuleNotFoundError,
