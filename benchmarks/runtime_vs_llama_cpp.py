@@ -42,6 +42,7 @@ def main() -> None:
     pipeline = Pipeline.open(bundle, vision="onnxruntime", llm=args.llm, **settings)
     question = "What emotion is shown in the picture?"
     pipeline.ask(question, image=face_photo(), max_tokens=4)  # warm-up: caches the system prefix, as in use
+    pipeline.session.forget_medium()  # the whole prompt is prefilled, as llama-cpp-python's is
     answer = pipeline.ask(question, image=face_photo(), max_tokens=args.tokens)
     positions, generated = answer.prompt_positions, answer.tokens
     gguf = pipeline.bundle.path_of(f"llm-{args.llm}.gguf")
@@ -76,6 +77,7 @@ def main() -> None:
         return (first - start) * 1000, (n_tokens - 1) / (time.perf_counter() - first)
 
     def runtime() -> tuple[float, float]:
+        pipeline.session.forget_medium()
         answer = pipeline.ask(question, image=face_photo(), max_tokens=args.tokens)
         return answer.timings.time_to_first_token_ms, answer.timings.decode_tokens_per_s
 

@@ -225,6 +225,7 @@ def bench_variant(bundle: Any, variant: Variant, image_paths: Sequence[Path], re
         positions, generated = 0, []
         for _ in range(repeats):
             for path in image_paths:
+                pipeline.session.forget_medium()  # every stage measured: no visual block reused from the cache
                 answer = pipeline.ask(question, image=path, max_tokens=decode_tokens)
                 for stage in STAGES:
                     samples[stage].append(getattr(answer.timings, stage))

@@ -157,6 +157,7 @@ class LlamaModel:
         self.bos_id = llama_cpp.llama_vocab_bos(self._vocab)
         self.eos_id = llama_cpp.llama_vocab_eos(self._vocab)
         self.n_past = 0
+        self.resets = 0  # how many times the sequence was cleared (a session's cached prefix is gone after one)
         self._last_logits: np.ndarray | None = None
         self._token_batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._embd_batch = llama_cpp.llama_batch_init(n_batch, self.n_embd, 1)
@@ -348,6 +349,7 @@ class LlamaModel:
     def reset(self) -> None:
         """Forget the sequence (clear the KV cache) so the next decode starts at position 0."""
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._context), True)
+        self.resets += 1
         self.n_past = 0
         self._last_logits = None
 

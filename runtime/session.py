@@ -156,12 +156,16 @@ class ChatSession:
         # the text before the first visual block is the same for every question
         self.prefix_ids = contract.tokenize_chunks(contract.prompt_chunks("", "image")[:1], llm.tokenize, llm.bos_id)
         self._prefix_cached = False
-        # (medium key, modality, KV positions up to the end of its last visual block) while those are cached
-        self._medium: tuple[str, str, int] | None = None
+        self._prefix_resets = 0  # llm.resets when the prefix was decoded: a later reset() of the LLM drops it
+        # (medium key, modality, KV positions up to the end of its last visual block, llm.resets) while cached
+        self._medium: tuple[str, str, int, int] | None = None
 
     def has_medium(self, medium: str | None, modality: contract.Modality) -> bool:
-        """Whether the KV cache holds the prompt up to the visual block of `medium` (so `stream` needs no blocks)."""
-        return medium is not None and self._medium is not None and self._medium[:2] == (medium, modality)
+        """Whether the KV cache holds the prompt up to the visual block of `medium` (so `stream` needs no blocks).
+        The session owns the cache: code decoding on `llm` directly must call `forget_medium()` (a `reset()` of the
+        LLM is noticed)."""
+        return (medium is not None and self._medium is not None and self._medium[:2] == (medium, modality)
+                and self._medium[3] == self.llm.resets and self.llm.n_past >= self._medium[2])
 
     def forget_medium(self) -> None:
         """Drop the cached visual block: the next question prefills its medium again (the system prompt stays)."""
@@ -214,16 +218,16 @@ class ChatSession:
             result.reused_prefix = self._medium[2]
         else:
             self._medium = None  # until the new block is fully in the cache
-            if self._prefix_cached:
+            if self._prefix_cached and self._prefix_resets == self.llm.resets:
                 self.llm.rewind(len(self.prefix_ids))
                 result.reused_prefix = len(self.prefix_ids)
             else:
                 self.llm.reset()
                 self.llm.eval_tokens(self.prefix_ids)
-                self._prefix_cached = True
+                self._prefix_cached, self._prefix_resets = True, self.llm.resets
             self.llm.eval_prompt(head, visual_blocks)
             if medium is not None:
-                self._medium = (medium, modality, self.llm.n_past)
+                self._medium = (medium, modality, self.llm.n_past, self.llm.resets)
         self.llm.eval_tokens(tail)
         yield from self._decode(result, max_tokens, sampling or Sampling(), start)
 

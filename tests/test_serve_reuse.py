@@ -66,6 +66,9 @@ def test_a_different_medium_replaces_the_cached_one(pipeline, face_photo):
         break  # an answer abandoned half way leaves the cached medium usable
     after = pipeline.ask(QUESTIONS[0], image=face_photo, max_tokens=8)
     assert after.reused_prefix_positions >= prefix + contract.IMAGE_TOKENS and after.tokens == first.tokens
+    pipeline.session.llm.reset()  # someone decoding on the LLM directly: the session notices, nothing is reused
+    cleared = pipeline.ask(QUESTIONS[0], image=face_photo, max_tokens=8)
+    assert cleared.reused_prefix_positions == 0 and cleared.tokens == first.tokens
 
 
 @pytest.mark.parametrize("name", list(structured.TASKS))
