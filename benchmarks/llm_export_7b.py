@@ -45,8 +45,8 @@ def _peak_rss_mb() -> float:
 # --- the checkpoint -----------------------------------------------------------------------------------------
 
 
-def _layer_tensors(layer: int) -> dict[str, tuple[int, ...]]:
-    h, f = LLAMA_7B["hidden_size"], LLAMA_7B["intermediate_size"]
+def _layer_tensors(layer: int, h: int = LLAMA_7B["hidden_size"], f: int = LLAMA_7B["intermediate_size"]
+                   ) -> dict[str, tuple[int, ...]]:
     prefix = f"model.layers.{layer}."
     return {prefix + "input_layernorm.weight": (h,), prefix + "post_attention_layernorm.weight": (h,),
             **{prefix + f"self_attn.{p}_proj.weight": (h, h) for p in "qkvo"},
@@ -54,11 +54,10 @@ def _layer_tensors(layer: int) -> dict[str, tuple[int, ...]]:
             prefix + "mlp.down_proj.weight": (h, f)}
 
 
-def _multimodal_tensors() -> dict[str, tuple[int, ...]]:
+def _multimodal_tensors(h: int = LLAMA_7B["hidden_size"]) -> dict[str, tuple[int, ...]]:
     """The tensors of a Face-LLaVA checkpoint that are not the LLM (what the GGUF must leave out)."""
     from facellava import contract
 
-    h = LLAMA_7B["hidden_size"]
     shapes: dict[str, tuple[int, ...]] = {
         "model.mm_projector.0.weight": (h, MM_HIDDEN), "model.mm_projector.0.bias": (h,),
         "model.mm_projector.2.weight": (h, h), "model.mm_projector.2.bias": (h,),
@@ -79,23 +78,25 @@ def _multimodal_tensors() -> dict[str, tuple[int, ...]]:
 
 
 def write_checkpoint(directory: Path, layers_per_shard: int, layers: int = LLAMA_7B["num_hidden_layers"],
-                     seed: int = 0) -> dict:
-    """Write the 7B-shaped checkpoint shard by shard (`layers` < 32 only for a quick smoke run); return its size
+                     seed: int = 0, sizes: dict | None = None) -> dict:
+    """Write the 7B-shaped checkpoint shard by shard (`layers` < 32 only for a quick smoke run; `sizes` overrides
+    LLAMA_7B's fields, e.g. a narrower hidden size for a LLaMA-shaped model of another width); return its size
     figures."""
     import torch
 
     from facellava.model.tiny import pad_tokenizer, tiny_config, train_tokenizer
 
+    llama = {**LLAMA_7B, **(sizes or {})}
     directory.mkdir(parents=True)
-    h, v, n_layers = LLAMA_7B["hidden_size"], LLAMA_7B["vocab_size"], layers
+    h, f, v, n_layers = llama["hidden_size"], llama["intermediate_size"], llama["vocab_size"], layers
     groups = [range(i, min(i + layers_per_shard, n_layers)) for i in range(0, n_layers, layers_per_shard)]
     shards: list[dict[str, tuple[int, ...]]] = []
     for i, layers in enumerate(groups):
         shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)} if i == 0 else {}
         for layer in layers:
-            shapes.update(_layer_tensors(layer))
+            shapes.update(_layer_tensors(layer, h, f))
         shards.append(shapes)
-    shards[-1].update({"model.norm.weight": (h,), "lm_head.weight": (v, h), **_multimodal_tensors()})
+    shards[-1].update({"model.norm.weight": (h,), "lm_head.weight": (v, h), **_multimodal_tensors(h)})
 
     generator = torch.Generator().manual_seed(seed)
     weight_map, total = {}, 0
@@ -114,7 +115,7 @@ def write_checkpoint(directory: Path, layers_per_shard: int, layers: int = LLAMA
     (directory / "pytorch_model.bin.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     config = tiny_config(vocab_size=v, cross_attn="simple", towers="none")
-    config.update(LLAMA_7B, num_hidden_layers=n_layers, mm_hidden_size=MM_HIDDEN, torch_dtype="float16")
+    config.update(llama, num_hidden_layers=n_layers, mm_hidden_size=MM_HIDDEN, torch_dtype="float16")
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     (directory / "tokenizer.model").write_bytes(pad_tokenizer(train_tokenizer(), v))
     return {"checkpoint_gb": total / 1e9, "shards": len(shards), "tensors": len(weight_map),

@@ -156,6 +156,54 @@ def compute_imatrix(model: Any, prompts: Sequence[CalibrationPrompt], continuati
     return sums, counts, tokens
 
 
+def stream_imatrix(model: Any, checkpoint: str | Path, prompts: Sequence[CalibrationPrompt],
+                   continuation_tokens: int = CONTINUATION_TOKENS, include_output: bool = False,
+                   proposal_gguf: str | Path | None = None, progress: bool = True,
+                   max_positions: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, float], int]:
+    """`compute_imatrix` in bounded memory: the same statistics, with the LLM streamed from `checkpoint` one
+    decoder layer at a time (`model.streaming`) instead of loaded whole.
+
+    Takes a model for the tokenizer, config and module names only (its LLM may stay on the meta device, as
+    `load_face_llava(..., llm=False)` leaves it), the checkpoint directory it came from, the prompts, the
+    greedy tokens after each, whether to collect `output.weight`, an F32/F16 GGUF of the checkpoint whose
+    greedy continuations are verified against PyTorch (without it every streamed pass fixes one token), and how
+    many positions to carry at once (default `model.streaming.DEFAULT_MAX_POSITIONS`). The continuation is
+    PyTorch's own greedy decode, as in `compute_imatrix`, so the figures agree with it to float rounding.
+    Returns ({GGUF name: sum of squared inputs per column}, {GGUF name: tokens}, tokens seen). Raises
+    FaceLlavaError when there is no prompt or the checkpoint is damaged."""
+    from facellava.model.streaming import (
+        DEFAULT_MAX_POSITIONS,
+        LayerStream,
+        SquaredInputs,
+        StreamedPrompt,
+        greedy_continuations,
+    )
+
+    if not prompts:
+        raise FaceLlavaError("no calibration prompt: give images or videos with a detectable face")
+    names = gguf_linear_names(model, include_output)
+    streamed = []
+    for prompt in prompts:
+        ids = (text_prompt_ids(model, prompt.question) if prompt.modality is None
+               else model.prompt_ids(prompt.question, prompt.modality))
+        streamed.append(StreamedPrompt(ids, list(prompt.visual_blocks)))
+    propose = None
+    if proposal_gguf is not None:
+        from facellava.export.llm_parity import gguf_proposer
+
+        propose = gguf_proposer(proposal_gguf)
+    results = greedy_continuations(LayerStream(checkpoint), streamed, continuation_tokens, propose, collect=True,
+                                   include_output=include_output, progress=progress,
+                                   max_positions=max_positions or DEFAULT_MAX_POSITIONS)
+    total = SquaredInputs()
+    for result in results:
+        assert result.statistics is not None  # collect=True
+        total.merge(result.statistics)
+    sums = {names[key]: values.float().numpy() for key, values in total.sums.items() if key in names}
+    counts = {names[key]: float(count) for key, count in total.counts.items() if key in names}
+    return sums, counts, sum(p.positions + continuation_tokens for p in streamed)
+
+
 def calibrate_llm_bundle(bundle: str | Path, data: str | Path, types: str | Sequence[str] = DEFAULT_LOW_BIT_TYPES,
                          limit: int | None = 64, seed: int = 0, continuation_tokens: int = CONTINUATION_TOKENS,
                          include_output: bool = False, allow_drift: bool = False, threads: int = 0,

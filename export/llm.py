@@ -78,7 +78,7 @@ def export_llm_bundle(checkpoint_dir: str | Path, bundle_dir: str | Path, types:
     """
     from facellava.export import llm_parity
     from facellava.export.gguf import inspect_checkpoint
-    from facellava.model.modeling import FaceLlava
+    from facellava.model.loading import load_face_llava
 
     chosen = parse_types(types, imatrix is not None)
     checkpoint_dir = Path(checkpoint_dir)
@@ -88,12 +88,14 @@ def export_llm_bundle(checkpoint_dir: str | Path, bundle_dir: str | Path, types:
         imatrix_data = load_imatrix(imatrix)
         check_imatrix_fits(imatrix_data, {t.name: t.shape[-1] for t in plan.values() if len(t.shape) == 2})
 
-    model = FaceLlava.from_pretrained(checkpoint_dir, image_tower=image_tower, video_tower=video_tower)
-    prompts = [(q, m) for q, m in llm_parity.PARITY_PROMPTS if getattr(model, f"{m}_tower") is not None]
+    # The parity prompts' visual tokens come from the vision half alone (the LLM is never loaded whole); the
+    # PyTorch decode runs later, streamed layer by layer, with the converted GGUF proposing continuations.
+    vision = load_face_llava(checkpoint_dir, image_tower=image_tower, video_tower=video_tower, llm=False)
+    prompts = [(q, m) for q, m in llm_parity.PARITY_PROMPTS if getattr(vision, f"{m}_tower") is not None]
     if not prompts:
-        raise FaceLlavaError(f"the parity prompts need a vision tower: {model.no_tower('image')}")
-    reference = llm_parity.build_reference(model, prompts, progress=progress)
-    del model
+        raise FaceLlavaError(f"the parity prompts need a vision tower: {vision.no_tower('image')}")
+    reference = llm_parity.reference_inputs(vision, prompts, progress=progress)
+    del vision
 
     with BundleWriter.transaction(bundle_dir) as bundle:
         bundle.set_source(checkpoint_dir, llm={
@@ -118,13 +120,14 @@ def _write_checked_files(bundle: BundleWriter, checkpoint_dir: Path, chosen: lis
                          imatrix: str | Path | None, imatrix_data: Any, reference: llm_parity.Reference,
                          allow_drift: bool, threads: int, progress: bool
                          ) -> dict[str, tuple[dict[str, int], dict[str, Any]]]:
-    """Write, quantize and measure every file in the transaction's staging; raise (nothing is committed) unless
-    all are accepted."""
+    """Write every file in the transaction's staging, complete the PyTorch reference (streamed, the most exact
+    conversion proposing its continuations), quantize, and measure; raise (nothing is committed) unless all are
+    accepted."""
     from facellava.export import llm_parity
     from facellava.export.gguf import OUTPUT_TYPES, convert_to_gguf
 
     quantized = [t for t in chosen if t in QUANT_TYPES]
-    steps = tqdm(total=len(chosen) * 2 + (QUANTIZATION_SOURCE not in chosen and bool(quantized)),
+    steps = tqdm(total=len(chosen) * 2 + (QUANTIZATION_SOURCE not in chosen and bool(quantized)) + 1,
                  desc="export llm", unit="step", disable=not progress)
     results: dict[str, tuple[dict[str, int], dict[str, Any]]] = {}
     paths = {t: bundle.stage(gguf_name(t)) for t in chosen}
@@ -138,6 +141,10 @@ def _write_checked_files(bundle: BundleWriter, checkpoint_dir: Path, chosen: lis
         summary = convert_to_gguf(checkpoint_dir, target, gguf_type, source_sha256=fingerprint, progress=progress)
         summaries[gguf_type] = {"tensors": summary.tensors, "parameters": summary.parameters}
         steps.update()
+    steps.set_postfix_str("PyTorch reference")
+    llm_parity.stream_reference(reference, checkpoint_dir, bundle.stage(gguf_name(conversions[0])),
+                                progress=progress)
+    steps.update()
     source = bundle.stage(gguf_name(QUANTIZATION_SOURCE))
     for gguf_type in quantized:
         steps.set_postfix_str(f"quantize {gguf_type}")

@@ -5,6 +5,11 @@ visual tokens of a fixed image input or of a fixed 8-frame video input (`encode_
 seeded pixels and landmarks). llama.cpp gets the same prompt the way the runtime feeds it: the text as token
 ids, each visual block as a batch of embeddings at consecutive positions.
 
+The export never loads the LLM whole: `reference_inputs` takes the visual tokens from the vision half alone,
+and `stream_reference` runs the decoder one layer at a time from the checkpoint (`model.streaming`), verifying
+the greedy continuation that the export's F32/F16 GGUF proposes (exactly PyTorch's greedy decode, see there).
+`build_reference` is the whole-model equivalent (KV-cache decoding), the yardstick in the tests.
+
 Per GGUF, the figures are:
 
 - `first_token_rel_error`: ||logits_gguf - logits_torch|| / ||logits_torch|| for the first generated token,
@@ -35,6 +40,7 @@ from tqdm import tqdm
 
 from facellava import contract
 from facellava.model.modeling import FaceLlava
+from facellava.model.streaming import Proposer, StreamedPrompt
 from facellava.runtime.llm import LlamaModel
 
 DECODE_TOKENS = 32
@@ -121,6 +127,7 @@ class Reference:
     prompts: list[ReferencePrompt]
     sentencepiece: Any  # the checkpoint's SentencePieceProcessor
     bos_id: int
+    passes: int = 1  # streamed PyTorch passes the greedy decode took (`stream_reference`); 1 for the whole model
 
 
 def fixed_visual_blocks(model: FaceLlava, modality: contract.Modality, seed: int = 0) -> list[np.ndarray]:
@@ -147,7 +154,9 @@ def fixed_visual_blocks(model: FaceLlava, modality: contract.Modality, seed: int
 
 def build_reference(model: FaceLlava, prompts: Sequence[tuple[str, contract.Modality]] = PARITY_PROMPTS,
                     progress: bool = True) -> Reference:
-    """Run PyTorch greedy decoding on the parity prompts (computed once, shared by every GGUF of an export)."""
+    """Run PyTorch greedy decoding (KV cache) on the parity prompts with a whole model loaded. The export uses
+    the streamed equivalent (`reference_inputs` + `stream_reference`), which needs a fraction of the memory;
+    this one stays as the yardstick it is tested against and for callers that hold a model anyway."""
     blocks = {modality: fixed_visual_blocks(model, modality) for modality in {m for _, m in prompts}}
     results = []
     for question, modality in tqdm(prompts, desc="PyTorch reference", unit="prompt", disable=not progress):
@@ -157,6 +166,69 @@ def build_reference(model: FaceLlava, prompts: Sequence[tuple[str, contract.Moda
         results.append(ReferencePrompt(question, modality, ids, blocks[modality], output.tokens,
                                        output.logits.float().numpy()))
     return Reference(results, model.tokenizer, model.config.bos_token_id)
+
+
+def reference_inputs(model: FaceLlava, prompts: Sequence[tuple[str, contract.Modality]] = PARITY_PROMPTS,
+                     progress: bool = True) -> Reference:
+    """The parity prompts' ids and visual blocks, from a model whose vision half is loaded (the LLM may stay on
+    the meta device: `export.vision.load_vision_model`). Returns a Reference not yet decoded (no tokens, empty
+    logits): `stream_reference` completes it."""
+    blocks = {modality: fixed_visual_blocks(model, modality)
+              for modality in tqdm(sorted({m for _, m in prompts}), desc="visual tokens", unit="input",
+                                   disable=not progress)}
+    empty = np.empty((0, model.config.vocab_size), dtype=np.float32)
+    results = [ReferencePrompt(question, modality, model.prompt_ids(question, modality), blocks[modality], [], empty)
+               for question, modality in prompts]
+    return Reference(results, model.tokenizer, model.config.bos_token_id)
+
+
+def gguf_proposer(path: str | Path, n_threads: int | None = None) -> Proposer:
+    """A proposer for `model.streaming.greedy_continuations`: llama.cpp's greedy continuation of each prompt in
+    the GGUF at `path` (visual blocks injected as embeddings, `LLAMA_SETTINGS`), teacher-forced on the verified
+    prefix. The file is opened for each round of proposals and closed before PyTorch runs, so the two never
+    hold memory at the same time."""
+
+    def propose(prompts: Sequence[StreamedPrompt], prefixes: Sequence[list[int]], steps: int) -> list[list[int]]:
+        need = max(p.positions for p in prompts) + steps
+        proposals = []
+        with LlamaModel.open(path, n_ctx=need, n_threads=n_threads, **LLAMA_SETTINGS) as llm:
+            for prompt, prefix in zip(prompts, prefixes, strict=True):
+                llm.reset()
+                blocks = [np.asarray(b, dtype=np.float32) for b in prompt.visual_blocks]
+                logits = llm.eval_prompt(prompt.input_ids, blocks)
+                tokens = list(prefix)
+                if tokens:
+                    logits = llm.eval_tokens(tokens)
+                while len(tokens) < steps:
+                    tokens.append(int(logits.argmax()))
+                    if len(tokens) < steps:
+                        logits = llm.eval_tokens(tokens[-1:])
+                proposals.append(tokens)
+        return proposals
+
+    return propose
+
+
+def stream_reference(reference: Reference, checkpoint_dir: str | Path, proposal_gguf: str | Path | None,
+                     progress: bool = True) -> Reference:
+    """Complete a Reference from `reference_inputs` with PyTorch's greedy decode of DECODE_TOKENS tokens and the
+    float32 logits of each step, computed by streaming the checkpoint's decoder one layer at a time
+    (`model.streaming`): memory bounded by one float32 layer plus the prompts' hidden states, whatever the
+    model's depth. `proposal_gguf` (an F32/F16 GGUF of the same checkpoint) proposes the continuations that one
+    streamed pass verifies; without it every pass fixes one token (DECODE_TOKENS passes). The tokens are exactly
+    PyTorch's greedy choices (from full-sequence forward passes); the logits match `build_reference`'s to float
+    rounding. Returns `reference`, filled in. Raises FaceLlavaError for a damaged checkpoint."""
+    from facellava.model.streaming import LayerStream, greedy_continuations
+
+    stream = LayerStream(checkpoint_dir)
+    prompts = [StreamedPrompt(p.input_ids, p.visual_blocks) for p in reference.prompts]
+    propose = gguf_proposer(proposal_gguf) if proposal_gguf is not None else None
+    results = greedy_continuations(stream, prompts, DECODE_TOKENS, propose, progress=progress)
+    for prompt, result in zip(reference.prompts, results, strict=True):
+        prompt.tokens = result.tokens
+        prompt.logits = result.logits.numpy()
+    reference.passes = max(r.passes for r in results)
+    return reference
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
