@@ -117,3 +117,13 @@ def test_unknown_task_and_cut_answers_are_one_line():
         structured.parse_answer('{"age": 3', structured.TASKS["age"].schema)
     with pytest.raises(FaceLlavaError, match="does not match"):
         structured.parse_answer('{"age": 300, "reason": ""}', structured.TASKS["age"].schema)
+
+
+def test_run_task_needs_a_known_task_and_a_question_without_one(tiny_bundle, face_photo, capsys):
+    from facellava.cli import main
+
+    assert main(["run", str(tiny_bundle), "--image", str(face_photo)]) == 1
+    assert "give a question (or --task NAME" in capsys.readouterr().err
+    assert main(["run", str(tiny_bundle), "--image", str(face_photo), "--task", "mood"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown task 'mood'" in err
