@@ -15,9 +15,8 @@ MAX_TOKENS_DEFAULT = 256
 
 def run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", type=Path, help="an exported bundle directory")
-    parser.add_argument("question", nargs="?",
-                        help="the question, e.g. \"What emotion is shown in the video?\" (default with --task: the "
-                             "task's official question)")
+    parser.add_argument("question", help="the question, e.g. \"What emotion is shown in the video?\" (with --task, "
+                                         "\"\" asks the task's official question)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", type=Path, help="a photograph")
     source.add_argument("--video", type=Path, help="a video (8 frames are taken as the official processor does)")
@@ -72,10 +71,8 @@ def run(args: argparse.Namespace) -> int:
         from facellava.runtime import structured
 
         task = structured.get_task(args.task)
-        if args.question is None:
+        if not args.question.strip():
             args.question = task.question
-    elif args.question is None:
-        raise FaceLlavaError("give a question (or --task NAME to ask a task's official question)")
     if args.max_tokens is None:
         args.max_tokens = task.max_tokens if task is not None else MAX_TOKENS_DEFAULT
     # the API's own checks, made before the bundle is opened and the LLM loaded

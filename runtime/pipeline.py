@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +88,27 @@ class PreparedInput:
     timings: Timings
 
 
+def source_key(image: object, video: object, landmarks: object, options: tuple) -> str | None:
+    """A sha256 of what `prepare` reads (file bytes or arrays) and its options, or None when a file is unreadable
+    (`prepare` then says why)."""
+    digest = hashlib.sha256(repr(options).encode())
+    for value in (image, video, landmarks):
+        if value is None:
+            digest.update(b"none")
+        elif isinstance(value, np.ndarray):
+            digest.update(f"array{value.dtype}{value.shape}".encode())
+            digest.update(np.ascontiguousarray(value).data)
+        else:
+            try:
+                path = Path(value)
+                if not path.is_file():  # a device or pipe is never read here
+                    return None
+                digest.update(b"file" + path.read_bytes())
+            except (OSError, TypeError, ValueError):
+                return None
+    return digest.hexdigest()
+
+
 def medium_key(prepared: PreparedInput) -> str:
     """A key of what the vision graph sees: the modality, the preprocessed pixels and the landmarks (sha256)."""
     digest = hashlib.sha256(prepared.modality.encode())
@@ -109,6 +130,8 @@ class Pipeline:
         self.vision = vision
         self.session = session
         self._front_end: face.FaceFrontEnd | None = None
+        # (source key, its prepared input, its medium key) of the last ask: reused while that medium is cached
+        self._last_prepared: tuple[str, PreparedInput, str] | None = None
 
     @classmethod
     def open(cls, bundle: str | Path, vision: str = "auto", llm: str | None = None, n_gpu_layers: int = 0,
@@ -202,15 +225,24 @@ class Pipeline:
         a question that is empty or not valid text, a sampling value out of range (`Sampling`), `max_tokens` < 1.
         `grammar` (GBNF, e.g. `structured.TASKS["age"].grammar`) constrains the answer. A question about the same
         pixels and landmarks as the previous one skips the vision graph and reuses the KV cache up to the visual
-        block (`medium_key`); `session.forget_medium()` turns that off for the next question.
+        block (`medium_key`); the same file (or array) with the same options also skips the face front end and
+        preprocessing. `session.forget_medium()` turns both off for the next question.
         """
         # checked before the face front end and the vision graph run, so a bad value costs nothing
         check_question(question)
         max_tokens = check_max_tokens(max_tokens)
         sampling = Sampling(temperature, top_p, top_k, seed, grammar)
         start = time.perf_counter()
-        prepared = self.prepare(image, video, landmarks, no_landmarks, no_face_crop, face_index)
+        source = source_key(image, video, landmarks, (no_landmarks, no_face_crop, face_index))
+        cached = self._last_prepared
+        if source is not None and cached is not None and cached[0] == source and self.session.has_medium(
+                cached[2], cached[1].modality):
+            # the same file and options as the medium in the KV cache: its crop, landmarks and pixels are known
+            prepared = replace(cached[1], timings=Timings())
+        else:
+            prepared = self.prepare(image, video, landmarks, no_landmarks, no_face_crop, face_index)
         medium = medium_key(prepared)
+        self._last_prepared = None if source is None else (source, replace(prepared, timings=Timings()), medium)
         blocks = None
         if not self.session.has_medium(medium, prepared.modality):
             tokens, prepared.timings.vision_ms = self.vision.encode_timed(prepared.modality, prepared.pixel_values,

@@ -120,7 +120,7 @@ def test_the_server_answers_like_facellava_run_streamed_or_not(pipeline, tiny_bu
 def test_task_answers_are_json_that_validates_and_match_run_task(pipeline, tiny_bundle, face_photo, photo_uri,
                                                                  name):
     task = structured.TASKS[name]
-    expected = run_cli_json(str(tiny_bundle), "--task", name, "--image", str(face_photo))
+    expected = run_cli_json(str(tiny_bundle), "--task", name, "--image", str(face_photo), "")
     with serving(pipeline) as client:
         response = client.post("/v1/chat/completions", json=chat(photo_uri, text="", task=name))
         assert response.status_code == 200, response.text
