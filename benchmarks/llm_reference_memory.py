@@ -6,7 +6,8 @@ For each configuration it writes a LLaMA-shaped random checkpoint in the officia
 whose greedy continuations the streamed passes verify, as the export uses its F32/F16 conversion), then, in a
 fresh process, runs the reference on the five parity prompts (three image prompts of ~300 positions, two video
 prompts of ~2100 positions; random visual blocks of the contract's shapes stand in for the vision half, which
-is measured by the vision benchmarks). That process reports, sampled every 10 ms from /proc/self/status:
+is measured by the vision benchmarks), each phase in a process of its own (llama.cpp's proposals first, then
+the streamed passes), so that each peak is that phase's alone. Sampled every 10 ms from /proc/self/status:
 
 - peak RssAnon of the llama.cpp proposals (its F32 KV cache grows with layers and context, as in the parity
   measurement `measure_gguf` itself) and of the streamed PyTorch passes (what this benchmark is about);
@@ -73,16 +74,16 @@ class AnonSampler:
         return self._peak / 1024
 
 
-def child(checkpoint: str, gguf: str) -> dict:
-    """Run the streamed reference on the parity prompts; return the figures (in this process)."""
+def _prompts(checkpoint: str) -> list:
+    """The parity prompts tokenized with the checkpoint's tokenizer, random visual blocks of the contract's
+    shapes (seeded)."""
     import numpy as np
     import sentencepiece
 
     from facellava import contract
-    from facellava.calibration.bench import _rss_kib
     from facellava.export import llm_parity
     from facellava.model.loading import read_config
-    from facellava.model.streaming import LayerStream, StreamedPrompt, greedy_continuations
+    from facellava.model.streaming import StreamedPrompt
 
     config = read_config(checkpoint)
     tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(Path(checkpoint) / "tokenizer.model"))
@@ -94,34 +95,53 @@ def child(checkpoint: str, gguf: str) -> dict:
         count, size = (1, 256) if modality == "image" else (contract.NUM_FRAMES, 257)
         blocks = [(0.02 * rng.standard_normal((size, config.hidden_size))).astype(np.float32) for _ in range(count)]
         prompts.append(StreamedPrompt(ids, blocks))
-    imports_mb = _rss_kib("RssAnon") / 1024
+    return prompts
+
+
+def child(mode: str, checkpoint: str, gguf: str, proposals_file: str) -> dict:
+    """One phase in this fresh process, so that its peak is its own: "propose" (llama.cpp's greedy
+    continuations, written to `proposals_file`) or "stream" (the streamed PyTorch passes verifying them; a
+    later round, if any, asks llama.cpp again). Returns the figures."""
+    import numpy as np
+
+    from facellava.calibration.bench import _rss_kib
+    from facellava.export import llm_parity
+    from facellava.model.streaming import LayerStream, greedy_continuations
+
+    prompts = _prompts(checkpoint)
     propose = llm_parity.gguf_proposer(gguf)
-    first_round: list[list[int]] = []
+    imports_mb = _rss_kib("RssAnon") / 1024
     with AnonSampler() as sampler:
         started = time.perf_counter()
-        first_round = propose(prompts, [[] for _ in prompts], llm_parity.DECODE_TOKENS)
-        propose_s = time.perf_counter() - started
-        propose_mb = sampler.peak_mb()
-        sampler.reset()
-        rounds = [0]
-        index = {id(p): i for i, p in enumerate(prompts)}
+        if mode == "propose":
+            first = propose(prompts, [[] for _ in prompts], llm_parity.DECODE_TOKENS)
+            Path(proposals_file).write_text(json.dumps(first))
+            extra: dict = {}
+        else:
+            first = json.loads(Path(proposals_file).read_text())
+            index = {id(p): i for i, p in enumerate(prompts)}
+            rounds = [0]
 
-        def proposals(batch, prefixes, steps):  # the first round measured above; later ones (if any) live
-            rounds[0] += 1
-            if rounds[0] == 1:
-                return [first_round[index[id(p)]] for p in batch]
-            return propose(batch, prefixes, steps)
+            def proposals(batch, prefixes, steps):  # round one from the propose phase; later ones live
+                rounds[0] += 1
+                return [first[index[id(p)]] for p in batch] if rounds[0] == 1 else propose(batch, prefixes, steps)
 
-        started = time.perf_counter()
-        results = greedy_continuations(LayerStream(checkpoint), prompts, llm_parity.DECODE_TOKENS, proposals,
-                                       progress=False)
-        stream_s = time.perf_counter() - started
-        stream_mb = sampler.peak_mb()
-    return {"layers": config.num_hidden_layers, "hidden": config.hidden_size,
-            "positions": sum(p.positions for p in prompts), "passes": max(r.passes for r in results),
-            "anon_after_imports_mb": imports_mb, "propose_peak_anon_mb": propose_mb, "propose_s": propose_s,
-            "stream_peak_anon_mb": stream_mb, "stream_s": stream_s, "vm_hwm_mb": _rss_kib("VmHWM") / 1024,
-            "finite": all(bool(np.isfinite(r.logits.numpy()).all()) for r in results)}
+            stream = LayerStream(checkpoint)
+            results = greedy_continuations(stream, prompts, llm_parity.DECODE_TOKENS, proposals, progress=False)
+            extra = {"layers": stream.num_layers, "hidden": stream.config.hidden_size,
+                     "positions": sum(p.positions for p in prompts), "passes": max(r.passes for r in results),
+                     "finite": all(bool(np.isfinite(r.logits.numpy()).all()) for r in results)}
+        seconds = time.perf_counter() - started
+        peak = sampler.peak_mb()
+    return {"seconds": seconds, "peak_anon_mb": peak, "anon_after_imports_mb": imports_mb,
+            "vm_hwm_mb": _rss_kib("VmHWM") / 1024, **extra}
+
+
+def _run_child(*args: str) -> dict:
+    result = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{args[0]} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def measure(workdir: Path, width: int, layers: int) -> dict:
@@ -131,11 +151,12 @@ def measure(workdir: Path, width: int, layers: int) -> dict:
     checkpoint, gguf = workdir / f"ckpt-{width}x{layers}", workdir / f"f32-{width}x{layers}.gguf"
     written = write_checkpoint(checkpoint, layers_per_shard=4, layers=layers, sizes=WIDTHS[width])
     convert_to_gguf(checkpoint, gguf, "f32", progress=False)
-    result = subprocess.run([sys.executable, __file__, "--child", str(checkpoint), str(gguf)],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"{width}x{layers} failed:\n{result.stderr[-3000:]}")
-    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    proposals = workdir / f"proposals-{width}x{layers}.json"
+    propose = _run_child("propose", str(checkpoint), str(gguf), str(proposals))
+    figures = _run_child("stream", str(checkpoint), str(gguf), str(proposals))
+    figures.update(stream_peak_anon_mb=figures.pop("peak_anon_mb"), stream_s=figures.pop("seconds"),
+                   propose_peak_anon_mb=propose["peak_anon_mb"], propose_s=propose["seconds"],
+                   vm_hwm_mb=max(figures["vm_hwm_mb"], propose["vm_hwm_mb"]))
     shutil.rmtree(checkpoint)
     gguf.unlink()
     return {"checkpoint_gb": written["checkpoint_gb"], **figures}
@@ -145,7 +166,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/facellava-refmem"))
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="WIDTHxLAYERS,... (widths: 1024, 4096)")
-    parser.add_argument("--child", nargs=2, metavar=("CHECKPOINT", "GGUF"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=4, metavar=("MODE", "CHECKPOINT", "GGUF", "PROPOSALS"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(*args.child)))
