@@ -35,7 +35,7 @@ from facellava import contract
 from facellava.atomic import staged_directory
 from facellava.errors import FaceLlavaError
 from facellava.runtime import face
-from facellava.runtime.preprocess import preprocess_image, preprocess_video
+from facellava.runtime.preprocess import expand2square, preprocess_image, preprocess_video
 
 MODALITIES: tuple[contract.Modality, ...] = ("image", "video")
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
@@ -338,8 +338,8 @@ def _read(candidate: _Candidate, front_end: face.FaceFrontEnd) -> tuple[np.ndarr
     """(pixel_values, landmarks) of one medium, as the runtime computes them. Raises _Unusable or FaceLlavaError."""
     if candidate.modality == "image":
         rgb = face.load_image(candidate.path)
-        if candidate.is_crop:  # the data's face crops: squared and sized as --no-face-crop does
-            crop = face.whole_image_crop(rgb)
+        if candidate.is_crop:  # the data's face crops: squared as --no-face-crop does
+            crop = expand2square(rgb)
             points = (face.load_landmarks(candidate.landmarks, "image") if candidate.landmarks
                       else front_end.landmarks(crop))
         else:
@@ -351,7 +351,7 @@ def _read(candidate: _Candidate, front_end: face.FaceFrontEnd) -> tuple[np.ndarr
 
     video = face.read_video(candidate.path)
     if candidate.is_crop:
-        crops = [face.whole_image_crop(face.check_image(frame)) for frame in video.frames]
+        crops = [expand2square(face.check_image(frame)) for frame in video.frames]
         if candidate.landmarks:
             points = face.load_landmarks(candidate.landmarks, "video", num_video_frames=video.num_frames)
         else:

@@ -33,7 +33,7 @@ from facellava import contract
 from facellava.errors import FaceLlavaError
 from facellava.model.modeling import IGNORE_INDEX, spliced_labels
 from facellava.runtime import face
-from facellava.runtime.preprocess import preprocess_image, preprocess_video
+from facellava.runtime.preprocess import expand2square, preprocess_image, preprocess_video
 
 # --- the official training template (conv_vicuna_v1) ----------------------------------------------------------
 
@@ -295,7 +295,9 @@ class ConversationDataset:
                 raise UnusableRecord("landmarks that are not finite")
         try:
             if record.kind == "image":
-                pixels = preprocess_image(pad_to_square(face.load_image(record.media)))
+                # the official training's `expand2square`; landmarks are not moved, as in the official code (for
+                # square face crops, the official data, it changes nothing)
+                pixels = preprocess_image(expand2square(face.load_image(record.media)))
                 if landmarks is not None:
                     landmarks = landmarks.reshape(contract.NUM_LANDMARKS, 2)
             else:
@@ -310,20 +312,3 @@ class ConversationDataset:
         if landmarks is not None:
             landmarks = torch.from_numpy(landmarks / contract.LANDMARK_SCALE)
         return Example(record, torch.from_numpy(pixels), landmarks)
-
-
-def pad_to_square(image: np.ndarray) -> np.ndarray:
-    """The official training's `expand2square`: pad to a square with the CLIP mean colour, image centred.
-
-    Landmarks are not moved, as in the official code; for square face crops (the official data) this is a no-op.
-    """
-    height, width = image.shape[:2]
-    if height == width:
-        return image
-    side = max(height, width)
-    colour = np.array([int(255 * m) for m in contract.CLIP_MEAN], dtype=np.uint8)
-    square = np.empty((side, side, 3), dtype=np.uint8)
-    square[:] = colour
-    top, left = (side - height) // 2, (side - width) // 2
-    square[top:top + height, left:left + width] = image
-    return square

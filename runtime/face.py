@@ -33,7 +33,6 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from facellava.contract import (
-    CLIP_MEAN,
     FACE_CROP_SIZE,
     LANDMARK_SCALE,
     LANDMARK_VALUES,
@@ -42,6 +41,7 @@ from facellava.contract import (
     video_frame_indices,
 )
 from facellava.errors import FaceLlavaError
+from facellava.runtime.preprocess import expand2square
 
 # FFmpeg's own complaints about a broken video would reach the user's terminal before our one-line error.
 # OpenCV reads this once, when it opens its first video, so it is set on import; a user's own setting wins.
@@ -74,8 +74,6 @@ MAX_DETECT_SIDE = 1920
 # MediaPipe's default threshold is 0.5, but on synthetic noise images both BlazeFace models scored up to 0.63,
 # while the shipped photograph scores 0.92 (short range) and real faces we tried scored 0.76 or more.
 MIN_FACE_SCORE = 0.7
-# The official `expand2square` fill (the CLIP mean as 8-bit RGB), used to square a whole image without a crop.
-SQUARE_FILL = tuple(int(channel * 255) for channel in CLIP_MEAN)
 
 # MediaPipe face mesh (468 points, 478 with the iris refinement) -> the 68 iBUG-300W points.
 # Basis: the widely used Mediapipe_2_Dlib_Landmarks correspondence (Peizhi Yan), including its later brow
@@ -153,9 +151,11 @@ class FaceBox:
 class FaceCrop:
     """What the front end makes of one image or video frame.
 
-    `crop`: uint8 RGB [256, 256, 3]. `landmarks`: float32 [68, 2] in crop pixels / 256 (x, y per point, the
-    iBUG-300W order), or None when they were not asked for or the face mesh found no face. `box`: the face
-    the crop was cut around, None for a whole-image crop. `detect_ms` (detection and crop) and `landmarks_ms`
+    `crop`: uint8 RGB [256, 256, 3], or for a whole-image crop (`no_face_crop`) the image padded to a square by
+    `expand2square` at its own size (the image processor resizes it in one step). `landmarks`: float32 [68, 2] in
+    crop pixels / 256 (x, y per point, the iBUG-300W order; for a whole-image crop, square pixels / side, the same
+    units), or None when they were not asked for or the face mesh found no face. `box`: the face the crop was cut
+    around, None for a whole-image crop. `detect_ms` (detection and crop) and `landmarks_ms`
     (face mesh) are wall-clock milliseconds.
     """
 
@@ -372,20 +372,6 @@ def official_crop(rgb: np.ndarray, box: FaceBox) -> np.ndarray:
     return cv2.resize(rgb[top:bottom, left:right], (FACE_CROP_SIZE, FACE_CROP_SIZE))
 
 
-def whole_image_crop(rgb: np.ndarray) -> np.ndarray:
-    """The whole image as a 256 x 256 crop: padded to a square with the official `expand2square` fill (the
-    training-time treatment of non-square images), then resized (area averaging when shrinking, which does not
-    alias; bilinear when enlarging)."""
-    height, width = rgb.shape[:2]
-    side = max(height, width)
-    top, left = (side - height) // 2, (side - width) // 2
-    square = cv2.copyMakeBorder(
-        rgb, top, side - height - top, left, side - width - left, cv2.BORDER_CONSTANT, value=SQUARE_FILL
-    )
-    interpolation = cv2.INTER_AREA if side > FACE_CROP_SIZE else cv2.INTER_LINEAR
-    return cv2.resize(square, (FACE_CROP_SIZE, FACE_CROP_SIZE), interpolation=interpolation)
-
-
 def mesh_to_ibug68(mesh_points: np.ndarray) -> np.ndarray:
     """Map face-mesh points [468 or 478, 2] to the 68 iBUG points [68, 2] through `MESH_TO_IBUG68`."""
     return np.stack([mesh_points[list(vertices)].mean(axis=0) for vertices in MESH_TO_IBUG68])
@@ -478,10 +464,12 @@ class FaceFrontEnd:
         return sorted(boxes, key=lambda box: box.center[0])
 
     def landmarks(self, crop: np.ndarray) -> np.ndarray | None:
-        """The 68 iBUG landmarks of the face in a 256 crop, float32 [68, 2] in crop pixels / 256, or None when
-        the face mesh finds no face (it is retried once on the crop inside a black border, which helps when the
-        face fills the crop edge to edge)."""
-        for border in (0, FACE_CROP_SIZE // 4):
+        """The 68 iBUG landmarks of the face in a square crop (the 256 face crop, or a whole image squared by
+        `expand2square`), float32 [68, 2] in crop pixels / crop side (= crop pixels / 256 of a 256 crop), or None
+        when the face mesh finds no face (it is retried once on the crop inside a black border, which helps when
+        the face fills the crop edge to edge)."""
+        crop_side = crop.shape[0]
+        for border in (0, crop_side // 4):
             image = crop if border == 0 else cv2.copyMakeBorder(crop, *[border] * 4, cv2.BORDER_CONSTANT, value=0)
             result = _process(self._mesh, image)
             if result.multi_face_landmarks:
@@ -489,7 +477,7 @@ class FaceFrontEnd:
                 # the mesh's coordinates are relative to the image it saw; bring them back to the crop's
                 side = image.shape[0]
                 points = np.array([(point.x, point.y) for point in mesh], dtype=np.float64) * side - border
-                return (mesh_to_ibug68(points) / LANDMARK_SCALE).astype(np.float32)
+                return (mesh_to_ibug68(points) / crop_side).astype(np.float32)
         return None
 
     def process_image(
@@ -503,15 +491,16 @@ class FaceFrontEnd:
         """Crop one face from an RGB uint8 image and find its landmarks.
 
         `face_index` picks a face among those found, counted from 0 left to right; by default the largest
-        face. `no_face_crop` skips detection and uses the whole image (`whole_image_crop`); its landmarks then
-        come from the face mesh on that image, or are None if the mesh finds no face. `landmarks=False` skips
+        face. `no_face_crop` skips detection and uses the whole image padded to a square (`expand2square`, the
+        official treatment of a non-square image, without resampling); its landmarks then come from the face mesh
+        on that square, in the same units, or are None if the mesh finds no face. `landmarks=False` skips
         the face mesh (for precomputed landmarks or the no-landmarks path). `name` names the input in errors.
         Raises FaceLlavaError when no face is found, or `face_index` is out of range.
         """
         rgb = check_image(rgb, name)
         start = time.perf_counter()
         if no_face_crop:
-            box, crop = None, whole_image_crop(rgb)
+            box, crop = None, expand2square(rgb)
         else:
             box = _pick_face(self.detect(rgb), face_index, name)
             crop = official_crop(rgb, box)

@@ -1,5 +1,8 @@
 """Torch-free preprocessing that matches the official Face-LLaVA processors.
 
+Whole image (no face crop): LLaVA's `expand2square` (the training-time `image_aspect_ratio pad`): the image pasted
+centred on a square of the processor's mean colour, at its own size; the image processor then resizes it to 224 in
+one step (`expand2square` here, then `preprocess_image`).
 Image (`LanguageBindImageProcessor`): ToTensor -> Resize(224, BICUBIC) on the float tensor (torchvision's
 tensor resize, antialias on: `F.interpolate(mode="bicubic", antialias=True, align_corners=False)`) ->
 CenterCrop(224) -> Normalize(CLIP mean, std).
@@ -30,6 +33,28 @@ from facellava.contract import CLIP_MEAN, CLIP_STD, IMAGE_SIZE, NUM_FRAMES
 
 _MEAN = np.asarray(CLIP_MEAN, dtype=np.float32)
 _STD = np.asarray(CLIP_STD, dtype=np.float32)
+# `expand2square`'s fill: the processor's `image_mean` as 8-bit RGB, truncated as LLaVA's `int(x * 255)` does
+SQUARE_FILL = tuple(int(channel * 255) for channel in CLIP_MEAN)  # (122, 116, 104)
+
+
+def expand2square(image: np.ndarray) -> np.ndarray:
+    """LLaVA's `expand2square` of an RGB uint8 [H, W, 3] image: pasted on a square of side max(H, W) filled with
+    `SQUARE_FILL`, at offset ((side - W) // 2, (side - H) // 2); a square image is returned as it is.
+
+    No resampling: `preprocess_image` then takes the square to 224 in one step, as the official processor does.
+    Landmarks of the square in its pixels divided by its side are in the model's units (crop pixels / 256 of a
+    256 crop). Raises ValueError for an array that is not RGB uint8.
+    """
+    _check_rgb(image)
+    height, width = image.shape[:2]
+    if height == width:
+        return image
+    side = max(height, width)
+    square = np.empty((side, side, 3), dtype=np.uint8)
+    square[:] = SQUARE_FILL
+    top, left = (side - height) // 2, (side - width) // 2
+    square[top : top + height, left : left + width] = image
+    return square
 
 
 def preprocess_image(image: np.ndarray) -> np.ndarray:

@@ -17,7 +17,6 @@ from facellava.errors import FaceLlavaError
 from facellava.runtime.face import (
     IBUG68_MIRROR,
     MESH_TO_IBUG68,
-    SQUARE_FILL,
     FaceBox,
     FaceFrontEnd,
     load_image,
@@ -25,6 +24,7 @@ from facellava.runtime.face import (
     official_crop,
     read_video,
 )
+from facellava.runtime.preprocess import SQUARE_FILL
 
 
 @pytest.fixture(scope="module")
@@ -189,13 +189,13 @@ def test_no_face_is_a_clear_error_and_no_face_crop_works(front_end, kind):
     with pytest.raises(FaceLlavaError, match=r"no face found in the image; use --no-face-crop"):
         front_end.process_image(image)
     whole = front_end.process_image(image, no_face_crop=True)
-    assert whole.box is None and whole.crop.shape == (256, 256, 3) and whole.landmarks is None
+    assert whole.box is None and whole.crop.shape == (640, 640, 3) and whole.landmarks is None
     assert tuple(whole.crop[0, 0]) == SQUARE_FILL  # a 4:3 image is padded to a square, not stretched
 
 
 def test_no_face_crop_on_the_photo_finds_landmarks_on_the_whole_image(front_end, photo):
     whole = front_end.process_image(photo, no_face_crop=True)
-    assert np.array_equal(whole.crop, cv2.resize(photo, (256, 256), interpolation=cv2.INTER_AREA))
+    assert np.array_equal(whole.crop, photo)  # square already: no padding, and no resample before the processor
     assert whole.landmarks is not None
     # the face covers about a fifth of the photograph's width: eyes within [0.3, 0.6] of the whole image
     assert 0.3 < whole.landmarks[36, 0] < whole.landmarks[45, 0] < 0.6
