@@ -14,6 +14,18 @@ REPO = Path(__file__).resolve().parents[1]
 FACE_PHOTO = REPO / "runtime" / "assets" / "astronaut.jpg"
 
 
+@pytest.fixture(autouse=True)
+def no_hub_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests see no Hugging Face cache but the ones they make: a developer's own cache (or one a test left behind)
+    must not decide which towers a checkpoint resolves to."""
+    empty = tmp_path_factory.getbasetemp() / "no-hub-cache"
+    monkeypatch.setenv("HF_HOME", str(empty / "hf-home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(empty / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(empty / "xdg-cache"))
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default tiny checkpoint: sharded .bin, simple FRGCA, LanguageBind tower directories, seed 0."""
@@ -45,6 +57,17 @@ def tiny_bundle(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory)
     export_vision(tiny_checkpoint, bundle, precisions=("fp32",), progress=False)
     export_llm_bundle(tiny_checkpoint, bundle, types=("f32",), progress=False)
     return bundle
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_bundle: Path):
+    """The tiny bundle opened for exact comparisons, one per test module: FP32 vision on ONNX Runtime, the F32 GGUF
+    with an F32 cache and exact attention in llama.cpp (as the export's parity measures the GGUF)."""
+    from facellava.runtime.pipeline import Pipeline
+
+    opened = Pipeline.open(tiny_bundle, vision="onnxruntime", llm="f32", kv_type="f32", flash_attn=False)
+    yield opened
+    opened.close()
 
 
 def write_video(path: Path, frames: int, photo: Path = FACE_PHOTO) -> Path:

@@ -57,7 +57,7 @@ def same_model(a: FaceLlava, b: FaceLlava) -> None:
         assert torch.equal(sa[key], sb[key]), key
 
 
-def test_commands_find_hub_cached_towers_without_flags(hub_checkpoint, clean_env, tmp_path, tiny_model):
+def test_commands_find_hub_cached_towers_without_flags(hub_checkpoint, clean_env, tmp_path, tiny_model, monkeypatch):
     checkpoint, home = hub_checkpoint
     env = {**clean_env, "HF_HOME": str(home)}
     work = Path.cwd()
@@ -79,7 +79,7 @@ def test_commands_find_hub_cached_towers_without_flags(hub_checkpoint, clean_env
     assert {"vision_image.onnx", "vision_video.onnx", "llm-f32.gguf"} <= set(files)
 
     # the same weights as the towers beside the checkpoint: the hub snapshot is what was loaded
-    os.environ["HF_HOME"] = str(home)
+    monkeypatch.setenv("HF_HOME", str(home))
     same_model(FaceLlava.from_pretrained(checkpoint), tiny_model)
 
 
@@ -112,7 +112,7 @@ def test_a_miss_names_every_place_it_looked(hub_checkpoint, clean_env, tmp_path)
     assert "image tower  none: no image tower found (looked in:" in inspect.stdout
 
 
-def test_the_official_cache_dir_and_hub_cache_order(hub_checkpoint, clean_env, tmp_path):
+def test_the_official_cache_dir_and_hub_cache_order(hub_checkpoint, clean_env, tmp_path, monkeypatch):
     checkpoint, home = hub_checkpoint
     config = read_config(checkpoint)
     assert find_tower("image", config, checkpoint).directory is None
@@ -124,11 +124,11 @@ def test_the_official_cache_dir_and_hub_cache_order(hub_checkpoint, clean_env, t
     assert FaceLlava.from_pretrained(checkpoint).image_tower is not None
 
     # $HF_HUB_CACHE comes before $HF_HOME/hub, which comes before ./cache_dir
-    os.environ["HF_HOME"] = str(home)
+    monkeypatch.setenv("HF_HOME", str(home))
     assert find_tower("image", config, checkpoint).directory.is_relative_to(home / "hub")
     other = tmp_path / "other-hub"
     shutil.copytree(home / "hub", other, symlinks=True)
-    os.environ["HF_HUB_CACHE"] = str(other)
+    monkeypatch.setenv("HF_HUB_CACHE", str(other))
     assert find_tower("video", config, checkpoint).directory.is_relative_to(other)
 
     # an explicit directory wins over every cache; a missing one is an error
