@@ -26,17 +26,7 @@ def run_arguments(parser: argparse.ArgumentParser) -> None:
     marks.add_argument("--no-landmarks", action="store_true", help="run without FRLP/FRGCA (the official demo's path)")
     parser.add_argument("--no-face-crop", action="store_true", help="use the whole image when no face is found")
     parser.add_argument("--face-index", type=int, help="which face, counted left to right (default: the largest)")
-    parser.add_argument("--llm", help="GGUF type (default: the most precise in the bundle)")
-    parser.add_argument("--vision", default="auto", help="auto, onnxruntime, tensorrt or torch")
-    parser.add_argument("--checkpoint", type=Path,
-                        help="with --vision torch: the PyTorch checkpoint the bundle was exported from")
-    tower_arguments(parser)
-    parser.add_argument("--vision-precision", default="fp32",
-                        help="fp32, fp16 (export vision) or int8 (calibrate vision)")
-    parser.add_argument("--n-gpu-layers", type=int, default=0, help="LLM layers offloaded to the GPU (-1: all)")
-    parser.add_argument("--kv-cache", choices=["f16", "f32"], default="f16", help="llama.cpp's KV cache type")
-    parser.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto",
-                        help="llama.cpp's flash attention (off + --kv-cache f32: as exact as the export's parity)")
+    pipeline_arguments(parser, torch=True)
     parser.add_argument("--max-tokens", type=int,
                         help=f"default {MAX_TOKENS_DEFAULT}; with --task, the task schema's longest answer")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
@@ -46,6 +36,44 @@ def run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     parser.add_argument("--task", help="answer as JSON in the task's schema: emotion, action_units, age, attributes "
                                        "or deepfake (constrained decoding; see facellava.runtime.structured)")
+
+
+def pipeline_arguments(parser: argparse.ArgumentParser, torch: bool = False) -> None:
+    """How `run` and `serve` open a bundle: the GGUF type, the vision backend and precision, llama.cpp's context,
+    cache, attention and CPU thread policy (`torch`: also PyTorch vision from the source checkpoint)."""
+    parser.add_argument("--llm", help="GGUF type (default: the most precise in the bundle)")
+    parser.add_argument("--vision", default="auto",
+                        help="auto, onnxruntime, tensorrt" + (" or torch" if torch else ""))
+    if torch:
+        parser.add_argument("--checkpoint", type=Path,
+                            help="with --vision torch: the PyTorch checkpoint the bundle was exported from")
+        tower_arguments(parser)
+    parser.add_argument("--vision-precision", default="fp32",
+                        help="fp32, fp16 (export vision) or int8 (calibrate vision)")
+    parser.add_argument("--n-gpu-layers", type=int, default=0, help="LLM layers offloaded to the GPU (-1: all)")
+    parser.add_argument("--n-ctx", type=int, default=4096, help="the LLM's context in tokens")
+    parser.add_argument("--kv-cache", choices=["f16", "f32"], default="f16", help="llama.cpp's KV cache type")
+    parser.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto",
+                        help="llama.cpp's flash attention (off + --kv-cache f32: as exact as the export's parity)")
+    parser.add_argument("--threads", type=int, help="llama.cpp's CPU threads (default: the usable cores)")
+    parser.add_argument("--poll", type=int, metavar="0-100",
+                        help="how hard llama.cpp's idle threads busy-wait (default: the runtime's thread policy; "
+                             "0 on a CPU shared with other work)")
+
+
+def open_pipeline(args: argparse.Namespace):
+    """The bundle opened with `pipeline_arguments`' options."""
+    from facellava.runtime.llm import thread_policy
+    from facellava.runtime.pipeline import Pipeline
+
+    thread_policy(args.threads, args.poll)  # checked before the bundle is opened
+    if args.n_ctx < 1:
+        raise FaceLlavaError(f"n_ctx must be at least 1, got {args.n_ctx}")
+    torch = {name: getattr(args, name) for name in ("checkpoint", "image_tower", "video_tower") if hasattr(args, name)}
+    return Pipeline.open(args.bundle, vision=args.vision, llm=args.llm, n_gpu_layers=args.n_gpu_layers,
+                         n_ctx=args.n_ctx, vision_precision=args.vision_precision, kv_type=args.kv_cache,
+                         flash_attn={"auto": None, "on": True, "off": False}[args.flash_attn],
+                         n_threads=args.threads, poll=args.poll, **torch)
 
 
 def camera_frame(index: int):
@@ -63,7 +91,6 @@ def camera_frame(index: int):
 
 
 def run(args: argparse.Namespace) -> int:
-    from facellava.runtime.pipeline import Pipeline
     from facellava.runtime.session import Sampling, check_max_tokens, check_question
 
     task = None
@@ -80,10 +107,7 @@ def run(args: argparse.Namespace) -> int:
     check_max_tokens(args.max_tokens)
     Sampling(args.temperature, args.top_p, args.top_k, args.seed)
     image = camera_frame(args.camera) if args.camera is not None else args.image
-    pipeline = Pipeline.open(args.bundle, vision=args.vision, llm=args.llm, n_gpu_layers=args.n_gpu_layers,
-                             vision_precision=args.vision_precision, kv_type=args.kv_cache,
-                             flash_attn={"auto": None, "on": True, "off": False}[args.flash_attn],
-                             checkpoint=args.checkpoint, image_tower=args.image_tower, video_tower=args.video_tower)
+    pipeline = open_pipeline(args)
     try:
         stream = pipeline.ask(args.question, image=image, video=args.video, landmarks=args.landmarks,
                               no_landmarks=args.no_landmarks, no_face_crop=args.no_face_crop,

@@ -130,6 +130,17 @@ def _attach_threadpool(context: llama_cpp.llama_context_p, n_threads: int, poll:
     return ctypes.c_void_p(pool)
 
 
+def thread_policy(n_threads: int | None, poll: int | None) -> tuple[int, int]:
+    """(threads, poll) with the defaults filled in: the usable cores and `DEFAULT_POLL`. Raises FaceLlavaError
+    for a thread count below 1 or a polling level outside 0-100."""
+    if n_threads is not None and n_threads < 1:
+        raise FaceLlavaError(f"threads must be at least 1, got {n_threads}")
+    poll = DEFAULT_POLL if poll is None else poll
+    if not 0 <= poll <= 100:
+        raise FaceLlavaError(f"poll must be from 0 to 100, got {poll}")
+    return n_threads or usable_cores(), poll
+
+
 def _free_threadpool(pool: ctypes.c_void_p) -> None:
     _ggml_threadpool_api()[1].ggml_threadpool_free(pool)
 
@@ -176,9 +187,7 @@ class LlamaModel:
         Raises FaceLlavaError when the file is missing or llama.cpp cannot load it."""
         if kv_type not in KV_TYPES:
             raise FaceLlavaError(f"unknown KV cache type {kv_type!r}; expected one of {', '.join(KV_TYPES)}")
-        poll = DEFAULT_POLL if poll is None else poll
-        if not 0 <= poll <= 100:
-            raise FaceLlavaError(f"poll must be from 0 to 100, got {poll}")
+        n_threads, poll = thread_policy(n_threads, poll)
         path = Path(path)
         if not path.is_file():
             raise FaceLlavaError(f"GGUF file {path} does not exist")
@@ -202,7 +211,6 @@ class LlamaModel:
         context_params.flash_attn_type = {None: llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
                                           True: llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
                                           False: llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED}[flash_attn]
-        n_threads = n_threads or usable_cores()
         context_params.n_threads = context_params.n_threads_batch = n_threads
         with _holding_log() as held:
             context = llama_cpp.llama_init_from_model(model, context_params)

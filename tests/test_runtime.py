@@ -27,14 +27,6 @@ QUESTION = "What emotion is shown?"
 
 
 @pytest.fixture(scope="module")
-def pipeline(tiny_bundle):
-    # exact attention and cache in llama.cpp, as the export's parity measures the GGUF
-    opened = Pipeline.open(tiny_bundle, vision="onnxruntime", llm="f32", kv_type="f32", flash_attn=False)
-    yield opened
-    opened.close()
-
-
-@pytest.fixture(scope="module")
 def video_file(tmp_path_factory) -> Path:
     return write_video(tmp_path_factory.mktemp("video") / "face.mp4", frames=10)
 

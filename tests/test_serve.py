@@ -22,7 +22,6 @@ from hypothesis import strategies as st
 
 from facellava.cli import main
 from facellava.runtime import structured
-from facellava.runtime.pipeline import Pipeline
 from facellava.runtime.serve.api import parse_chat_request
 from facellava.runtime.serve.app import Engine, Job, ServeConfig, _Cancelled, create_app
 from facellava.runtime.serve.media import MediaPolicy
@@ -31,13 +30,6 @@ from facellava.runtime.serve.metrics import Metrics
 QUESTION = "What emotion is shown?"
 # `facellava run` with the settings the server's pipeline is opened with
 RUN_SETTINGS = ["--vision", "onnxruntime", "--llm", "f32", "--kv-cache", "f32", "--flash-attn", "off"]
-
-
-@pytest.fixture(scope="module")
-def pipeline(tiny_bundle):
-    opened = Pipeline.open(tiny_bundle, vision="onnxruntime", llm="f32", kv_type="f32", flash_attn=False)
-    yield opened
-    opened.close()
 
 
 @pytest.fixture(scope="module")

@@ -13,16 +13,8 @@ from conftest import write_video
 from facellava import contract
 from facellava.errors import FaceLlavaError
 from facellava.runtime import structured
-from facellava.runtime.pipeline import Pipeline
 
 QUESTIONS = ["What emotion is shown?", "How old is this person?", "Is this face real?"]
-
-
-@pytest.fixture(scope="module")
-def pipeline(tiny_bundle):
-    opened = Pipeline.open(tiny_bundle, vision="onnxruntime", llm="f32", kv_type="f32", flash_attn=False)
-    yield opened
-    opened.close()
 
 
 @pytest.fixture(scope="module")

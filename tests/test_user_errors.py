@@ -30,20 +30,11 @@ from conftest import REPO
 from facellava import contract
 from facellava.cli import EXTRA_PACKAGES, SUBCOMMANDS, main, missing_extra_message
 from facellava.errors import FaceLlavaError
-from facellava.runtime.pipeline import Pipeline
 from facellava.runtime.session import SEED_MAX, Sampling, check_question
 from facellava.runtime.vision import check_vision_io
 
 QUESTION = "What emotion is shown?"
 TAGGED = "Is this <image> a face? Compare it with <image>."
-
-
-@pytest.fixture(scope="module")
-def pipeline(tiny_bundle):
-    # exact attention and cache in llama.cpp, as the export's parity measures the GGUF
-    opened = Pipeline.open(tiny_bundle, vision="onnxruntime", llm="f32", kv_type="f32", flash_attn=False)
-    yield opened
-    opened.close()
 
 
 def run_cli(*args) -> tuple[int, str, str]:
@@ -157,11 +148,18 @@ def test_extreme_but_valid_sampling_values_answer(pipeline, face_photo):
     ("--temperature", "-1", "temperature"), ("--top-p", "0", "top_p"), ("--top-p", "1.5", "top_p"),
     ("--top-p", "nan", "top_p"), ("--top-k", "-1", "top_k"), ("--seed", "-1", "seed"),
     ("--seed", str(SEED_MAX + 1), "seed"), ("--max-tokens", "0", "max_tokens"),
+    ("--threads", "0", "threads"), ("--poll", "101", "poll"), ("--poll", "-1", "poll"), ("--n-ctx", "0", "n_ctx"),
 ])
 def test_cli_refuses_sampling_values_in_one_line_before_opening_the_bundle(tmp_path, face_photo, flag, value, name):
     # a bundle that does not exist: the values are checked before the bundle is opened and the LLM loaded
     code, _, err = run_cli("run", tmp_path / "no-bundle", "--image", face_photo, flag, value, QUESTION)
     one_line_error(code, err, name, "facellava run: error:")
+
+
+@pytest.mark.parametrize(("flag", "value", "name"), [("--threads", "0", "threads"), ("--poll", "101", "poll")])
+def test_serve_refuses_a_bad_thread_policy_in_one_line(tmp_path, flag, value, name):
+    code, _, err = run_cli("serve", tmp_path / "no-bundle", flag, value)
+    one_line_error(code, err, name, "facellava serve: error:")
 
 
 def test_cli_refuses_a_nan_temperature_with_a_real_bundle(tiny_bundle, face_photo):

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from facellava.errors import FaceLlavaError
+from facellava.runtime.cli import pipeline_arguments
 
 
 def serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,13 +34,7 @@ def serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request, queue included")
     parser.add_argument("--max-tokens", type=int, default=256, help="default max_tokens of a request")
     parser.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask")
-    parser.add_argument("--llm", help="GGUF type (default: the most precise in the bundle)")
-    parser.add_argument("--vision", default="auto", help="auto, onnxruntime or tensorrt")
-    parser.add_argument("--vision-precision", default="fp32", help="fp32, fp16 or int8")
-    parser.add_argument("--n-gpu-layers", type=int, default=0, help="LLM layers offloaded to the GPU (-1: all)")
-    parser.add_argument("--n-ctx", type=int, default=4096, help="the LLM's context")
-    parser.add_argument("--kv-cache", choices=["f16", "f32"], default="f16", help="llama.cpp's KV cache type")
-    parser.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto")
+    pipeline_arguments(parser)
 
 
 def _api_key(args: argparse.Namespace) -> str | None:
@@ -95,16 +90,14 @@ def serve_config(args: argparse.Namespace):
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from facellava.runtime.pipeline import Pipeline
+    from facellava.runtime.cli import open_pipeline
     from facellava.runtime.serve.app import create_app
 
     config = serve_config(args)
     if not _is_loopback(args.host) and config.api_key is None:
         print(f"facellava serve: warning: listening on {args.host} without an API key: anyone who can reach this "
               "address can use the model (set --api-key-file)", file=sys.stderr)
-    pipeline = Pipeline.open(args.bundle, vision=args.vision, llm=args.llm, n_gpu_layers=args.n_gpu_layers,
-                             n_ctx=args.n_ctx, vision_precision=args.vision_precision, kv_type=args.kv_cache,
-                             flash_attn={"auto": None, "on": True, "off": False}[args.flash_attn])
+    pipeline = open_pipeline(args)
     try:
         app = create_app(pipeline, config)
         print(f"facellava serve: {config.model_name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
