@@ -129,14 +129,18 @@ IBUG68_MIRROR: tuple[int, ...] = (
 
 @dataclass(frozen=True)
 class FaceBox:
-    """One detected face: its box in pixels of the original image (the detector's convention: integer top-left
-    corner and size, which may reach outside the image) and the detector's score."""
+    """One detected face: its box in pixels of the original image and the detector's score.
+
+    The official detector's convention (MediaPipe's task API, which `tools/crop_face.py` runs): integer pixels,
+    the top-left corner clamped into the image, the size kept, so the box may reach past the right and bottom
+    edges. `official`: the box is the official detector's own, as the official tool would have cropped it."""
 
     x: int
     y: int
     width: int
     height: int
     score: float
+    official: bool = False
 
     @property
     def area(self) -> int:
@@ -357,18 +361,22 @@ def load_landmarks(path: str | Path, modality: Modality = "image", num_video_fra
 def official_crop(rgb: np.ndarray, box: FaceBox) -> np.ndarray:
     """The official `tools/crop_face.py` crop of one face, as uint8 RGB [256, 256, 3].
 
-    A square of side (width + height) / 2 from the box's top-left corner, margin 0. Where the square leaves the
-    image it is clamped to the image, exactly as the official tool does (which also stops one pixel short of
-    the right and bottom edges), and the clamped rectangle is resized to 256 x 256: a face at the border gives
-    a slightly stretched crop, the kind the model was trained on. The resize is `cv2.resize`'s default
-    bilinear, as in the official tool. Raises FaceLlavaError when nothing of the square lies in the image.
+    A square of side (width + height) / 2 from the box's top-left corner, with the official margin: 0 (its
+    `margin_pct`) capped by the room the box leaves on each side, min(0, x, W - x - w, y, H - y - h). That is
+    0 for a box inside the image, and negative for a box that leaves it at the right or bottom, which then
+    shrinks the square on every side by that amount. The square is clamped to the image, stopping one pixel
+    short of the right and bottom edges (`min(..., size - 1)`), truncated to integers, and resized by
+    `cv2.resize`'s default bilinear to 256 x 256: the crops the model was trained on. Raises FaceLlavaError when
+    nothing of the square lies in the image (where the official tool's `cv2.resize` would fail).
     """
     height, width = rgb.shape[:2]
+    margin = min(0, box.x, width - box.x - box.width, box.y, height - box.y - box.height)
     side = (box.width + box.height) / 2
-    left, top = int(max(0, box.x)), int(max(0, box.y))
-    right, bottom = int(min(box.x + side, width - 1)), int(min(box.y + side, height - 1))
+    left, top = int(max(0, box.x - margin)), int(max(0, box.y - margin))
+    right = int(min(box.x + side + margin, width - 1))
+    bottom = int(min(box.y + side + margin, height - 1))
     if right <= left or bottom <= top:
-        raise FaceLlavaError(f"the face box {box} lies outside the {width}x{height} image")
+        raise FaceLlavaError(f"the face box {box} leaves nothing of the {width}x{height} image to crop")
     return cv2.resize(rgb[top:bottom, left:right], (FACE_CROP_SIZE, FACE_CROP_SIZE))
 
 
@@ -401,6 +409,7 @@ class FaceFrontEnd:
         max_detect_side: int = MAX_DETECT_SIDE,
     ) -> None:
         import mediapipe as mp  # imported here so that loading images and videos does not pay for it
+        from mediapipe.tasks.python import BaseOptions, vision
 
         detection = mp.solutions.face_detection
         self.max_detect_side = max_detect_side
@@ -410,13 +419,19 @@ class FaceFrontEnd:
         self.min_face_score = min_face_score
         with _quiet_native_stderr():
             self._detectors = [detection.FaceDetection(model_selection=model) for model in (0, 1)]
+            # the official tool's detector itself: MediaPipe's task API with its default options (score >= 0.5,
+            # suppression 0.3) on the short-range model, the official tools/detector.tflite's network (the wheel's
+            # copy lacks only 32 bytes of metadata, which the task API does not need)
+            short_range = Path(mp.__file__).parent / "modules" / "face_detection" / "face_detection_short_range.tflite"
+            self._official = vision.FaceDetector.create_from_options(
+                vision.FaceDetectorOptions(base_options=BaseOptions(model_asset_path=str(short_range))))
             self._mesh = mp.solutions.face_mesh.FaceMesh(
                 static_image_mode=True, max_num_faces=1, refine_landmarks=refine_landmarks,
                 min_detection_confidence=0.5)
 
     def close(self) -> None:
         """Release the MediaPipe graphs."""
-        for graph in (*self._detectors, self._mesh):
+        for graph in (*self._detectors, self._official, self._mesh):
             graph.close()
 
     def __enter__(self) -> FaceFrontEnd:
@@ -454,14 +469,28 @@ class FaceFrontEnd:
             relative = detection.location_data.relative_bounding_box
             boxes.append(
                 FaceBox(
-                    x=int(relative.xmin * width),
-                    y=int(relative.ymin * height),
+                    x=max(0, int(relative.xmin * width)),
+                    y=max(0, int(relative.ymin * height)),
                     width=int(relative.width * width),
                     height=int(relative.height * height),
                     score=float(detection.score[0]),
                 )
             )
-        return sorted(boxes, key=lambda box: box.center[0])
+        return sorted(_adopt_official(boxes, self.official_box(rgb)), key=lambda box: box.center[0])
+
+    def official_box(self, rgb: np.ndarray) -> FaceBox | None:
+        """The box the official `tools/crop_face.py` would crop: its detector (the task API, short-range
+        model, default options) on the whole image, when it finds exactly one face (the official rule); else
+        None."""
+        import mediapipe as mp
+
+        with _quiet_native_stderr():
+            found = self._official.detect(mp.Image(image_format=mp.ImageFormat.SRGB, data=rgb)).detections
+        if len(found) != 1:
+            return None
+        box = found[0].bounding_box
+        return FaceBox(box.origin_x, box.origin_y, box.width, box.height, float(found[0].categories[0].score),
+                       official=True)
 
     def landmarks(self, crop: np.ndarray) -> np.ndarray | None:
         """The 68 iBUG landmarks of the face in a square crop (the 256 face crop, or a whole image squared by
@@ -550,6 +579,26 @@ class FaceFrontEnd:
         start = time.perf_counter()
         points = self.landmarks(crop)
         return points, (time.perf_counter() - start) * 1000
+
+
+def _iou(a: FaceBox, b: FaceBox) -> float:
+    width = min(a.x + a.width, b.x + b.width) - max(a.x, b.x)
+    height = min(a.y + a.height, b.y + b.height) - max(a.y, b.y)
+    inter = max(0, width) * max(0, height)
+    return inter / (a.area + b.area - inter) if inter else 0.0
+
+
+def _adopt_official(faces: list[FaceBox], official: FaceBox | None) -> list[FaceBox]:
+    """The faces with the official detector's box in place of the one that is the same face (IoU >= 0.5), so that
+    where the official tool would crop, the crop is its crop. An official detection that none of the faces
+    confirms (it scored 0.5 to `min_face_score`, the range where noise scores too) is not a face here."""
+    if official is None:
+        return faces
+    same = [i for i, face in enumerate(faces) if _iou(face, official) >= 0.5]
+    if not same:
+        return faces
+    best = max(same, key=lambda i: _iou(faces[i], official))
+    return [official if i == best else face for i, face in enumerate(faces)]
 
 
 def _pick_face(faces: list[FaceBox], face_index: int | None, name: str) -> FaceBox:
