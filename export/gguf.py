@@ -30,14 +30,8 @@ from facellava import contract
 from facellava.atomic import atomic_file
 from facellava.bundle import checkpoint_fingerprint
 from facellava.errors import FaceLlavaError
-from facellava.model.loading import (
-    IGNORED_KEYS,
-    TOKENIZER_NAME,
-    CheckpointWeights,
-    check_vocabulary_size,
-    is_llm_key,
-    read_config,
-)
+from facellava.model.checkpoint import IGNORED_KEYS, TOKENIZER_NAME, CheckpointWeights, is_llm_key
+from facellava.model.loading import check_vocabulary_size, read_config
 from facellava.model.modeling import FaceLlavaConfig
 
 ARCH = gguf.MODEL_ARCH.LLAMA

@@ -1,5 +1,5 @@
-"""Face-LLaVA in PyTorch: the model (`modeling`), the official checkpoint loader (`loading`), tiny checkpoints
-(`tiny`).
+"""Face-LLaVA in PyTorch: the model (`modeling`), the official checkpoint layout (`checkpoint`), its loader
+(`loading`), tiny checkpoints (`tiny`).
 
 The names below are imported on first use (PEP 562), not with the package: `facellava.model.cli` builds the
 parsers of `make-tiny`, `inspect` and `train`, and their `--help` must work where torch is not installed.
@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 # public name -> the submodule that defines it
 _EXPORTS = {
-    "CheckpointWeights": "loading", "load_face_llava": "loading", "read_config": "loading",
+    "CheckpointWeights": "checkpoint", "load_face_llava": "loading", "read_config": "loading",
     "FaceLlava": "modeling", "FaceLlavaConfig": "modeling", "ReferenceOutput": "modeling", "TowerConfig": "modeling",
     "make_tiny_checkpoint": "tiny",
 }
@@ -21,7 +21,8 @@ __all__ = ["CheckpointWeights", "FaceLlava", "FaceLlavaConfig", "ReferenceOutput
            "load_face_llava", "make_tiny_checkpoint", "read_config"]
 
 if TYPE_CHECKING:
-    from facellava.model.loading import CheckpointWeights, load_face_llava, read_config
+    from facellava.model.checkpoint import CheckpointWeights
+    from facellava.model.loading import load_face_llava, read_config
     from facellava.model.modeling import FaceLlava, FaceLlavaConfig, ReferenceOutput, TowerConfig
     from facellava.model.tiny import make_tiny_checkpoint
 

@@ -3,16 +3,14 @@
 A checkpoint directory holds `config.json`, the weights (sharded `.bin` with `pytorch_model.bin.index.json`, a
 single `pytorch_model.bin`, or safetensors, single or sharded) and `tokenizer.model`. The vision towers come
 from LanguageBind directories (given, or named by `mm_image_tower` / `mm_video_tower`), or from tower weights
-stored inside the checkpoint. Which checkpoint tensor goes where is the table `CHECKPOINT_PREFIXES`.
+stored inside the checkpoint. Which checkpoint tensor goes where is `model.checkpoint`'s table.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,29 +18,18 @@ from typing import Any
 import torch
 
 from facellava.errors import FaceLlavaError
+from facellava.model.checkpoint import (
+    CONFIG_NAME,
+    IGNORED_KEYS,
+    TOKENIZER_NAME,
+    TOWER_PREFIXES,
+    CheckpointWeights,
+    checkpoint_directory,
+    is_llm_key,
+    module_key,
+    read_json,
+)
 from facellava.model.modeling import FaceLlava, FaceLlavaConfig, TowerConfig
-
-CONFIG_NAME = "config.json"
-TOKENIZER_NAME = "tokenizer.model"
-# (index file, single file), in order of preference
-WEIGHT_LAYOUTS = (
-    ("model.safetensors.index.json", "model.safetensors"),
-    ("pytorch_model.bin.index.json", "pytorch_model.bin"),
-)
-
-# Official checkpoint prefix -> our module prefix; the first match wins. Towers (None) are loaded on their own.
-CHECKPOINT_PREFIXES: tuple[tuple[str, str | None], ...] = (
-    ("model.mm_projector.", "mm_projector."),
-    ("model.landmarks_projector.", "landmarks_projector."),
-    ("model.global_landmarks_projector.", "global_landmarks_projector."),
-    ("model.landmarks_cross_attn.", "landmarks_cross_attn."),
-    ("model.image_tower.", None),
-    ("model.video_tower.", None),
-    ("model.", "llm.model."),
-    ("lm_head.", "llm.lm_head."),
-)
-TOWER_PREFIXES = {"image": "model.image_tower.", "video": "model.video_tower."}
-IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")  # saved by old transformers; recomputed
 
 # Tower keys (after `vision_model.`) that the features never use.
 UNUSED_TOWER_KEYS = re.compile(r"^(post_layernorm\..*|embeddings\.position_ids)$")
@@ -52,49 +39,14 @@ REQUIRED_LLAMA_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_head
                          "vocab_size")
 
 
-def module_key(checkpoint_key: str) -> str | None:
-    """Our module's name for an official checkpoint key; None for tower keys and keys we do not know."""
-    for prefix, target in CHECKPOINT_PREFIXES:
-        if checkpoint_key.startswith(prefix):
-            return None if target is None else target + checkpoint_key[len(prefix):]
-    return None
-
-
-def is_llm_key(checkpoint_key: str) -> bool:
-    """True for the LLaMA decoder's tensors (what the GGUF keeps), False for towers, projectors, FRLP, FRGCA."""
-    name = module_key(checkpoint_key)
-    return name is not None and name.startswith("llm.")
-
-
 # --- config -------------------------------------------------------------------------------------------------
-
-
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FaceLlavaError(f"{path.parent} has no {path.name}: not {what}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise FaceLlavaError(f"{path} is not valid JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise FaceLlavaError(f"{path} does not hold a JSON object")
-    return data
-
-
-def _checkpoint_dir(path: str | Path) -> Path:
-    directory = Path(path)
-    if not directory.exists():
-        raise FaceLlavaError(f"checkpoint directory {directory} does not exist")
-    if not directory.is_dir():
-        raise FaceLlavaError(f"{directory} is a file; expected a checkpoint directory")
-    return directory
 
 
 def read_config(checkpoint_dir: str | Path) -> FaceLlavaConfig:
     """Read and check a Face-LLaVA `config.json`. Raises FaceLlavaError for anything that is not Face-LLaVA."""
-    directory = _checkpoint_dir(checkpoint_dir)
+    directory = checkpoint_directory(checkpoint_dir)
     path = directory / CONFIG_NAME
-    return read_config_dict(_read_json(path, "a Face-LLaVA checkpoint"), where=str(path))
+    return read_config_dict(read_json(path, "a Face-LLaVA checkpoint"), where=str(path))
 
 
 def read_config_dict(raw: dict[str, Any], where: str = CONFIG_NAME) -> FaceLlavaConfig:
@@ -175,85 +127,6 @@ def _check_sizes(raw: dict[str, Any], where: str) -> None:
 # --- weights ------------------------------------------------------------------------------------------------
 
 
-class CheckpointWeights:
-    """The tensors of a directory, found through its index and read only when asked.
-
-    `.bin` shards are opened with `torch.load(mmap=True)` and safetensors shards with `safe_open`, so a tensor
-    costs memory only when it is used, and a 7B checkpoint never sits in memory twice.
-    """
-
-    def __init__(self, directory: Path, weight_map: dict[str, Path]):
-        self.directory = directory
-        self.weight_map = weight_map
-        self._shards: dict[Path, Any] = {}
-
-    @classmethod
-    def open(cls, directory: str | Path) -> CheckpointWeights:
-        """Find the weights of `directory`. Raises FaceLlavaError when there are none or a shard is missing."""
-        directory = _checkpoint_dir(directory)
-        for index_name, single_name in WEIGHT_LAYOUTS:
-            index_path = directory / index_name
-            if index_path.exists():
-                weight_map = _read_json(index_path, "a weight index").get("weight_map")
-                if not isinstance(weight_map, dict) or not weight_map:
-                    raise FaceLlavaError(f"{index_path} has no weight_map")
-                shards = {name: directory / name for name in set(weight_map.values())}
-                for name, path in sorted(shards.items()):
-                    if not path.is_file():
-                        raise FaceLlavaError(f"shard {name} listed in {index_name} is missing from {directory}")
-                return cls(directory, {key: shards[name] for key, name in weight_map.items()})
-            single = directory / single_name
-            if single.is_file():
-                weights = cls(directory, {})
-                weights.weight_map = {key: single for key in weights._shard(single).keys()}
-                return weights
-        expected = " or ".join(f"{single}[.index.json]" for _, single in WEIGHT_LAYOUTS)
-        raise FaceLlavaError(f"{directory} holds no weights (expected {expected})")
-
-    def _shard(self, path: Path) -> Any:
-        if path not in self._shards:
-            try:
-                if path.suffix == ".safetensors":
-                    from safetensors import safe_open
-
-                    self._shards[path] = safe_open(str(path), framework="pt")
-                else:
-                    self._shards[path] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-            except Exception as error:  # torch and safetensors raise many types for a damaged file
-                raise FaceLlavaError(f"cannot read shard {path}: {str(error).splitlines()[0]}") from None
-        return self._shards[path]
-
-    def keys(self) -> list[str]:
-        return list(self.weight_map)
-
-    def get(self, key: str) -> torch.Tensor:
-        """One tensor, read from its shard. Raises FaceLlavaError if the shard lacks it or cannot be read."""
-        path = self.weight_map[key]
-        shard = self._shard(path)
-        try:
-            if path.suffix == ".safetensors":
-                # safetensors returns views at the file's (8-byte) offsets; a 64-byte-aligned copy makes the
-                # matmul kernels take the same path, so .bin and safetensors give bit-identical outputs
-                return shard.get_tensor(key).clone()
-            return shard[key]
-        except Exception as error:
-            raise FaceLlavaError(f"cannot read tensor {key} from {path}: {str(error).splitlines()[0]}") from None
-
-    def release(self, key: str) -> None:
-        """Close the shard that holds `key` (it reopens on the next read). A memory-mapped shard keeps every page
-        read from it resident until closed; releasing after each tensor bounds memory by one tensor, however
-        large the shard."""
-        self._shards.pop(self.weight_map[key], None)
-
-    def iter_by_shard(self, keys: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (key, tensor) shard by shard, releasing each shard before the next one is opened."""
-        wanted = self.keys() if keys is None else keys
-        for path in sorted({self.weight_map[k] for k in wanted}):
-            for key in (k for k in wanted if self.weight_map[k] == path):
-                yield key, self.get(key)
-            self._shards.pop(path, None)
-
-
 # --- towers -------------------------------------------------------------------------------------------------
 
 
@@ -267,7 +140,7 @@ def _used_layers(num_layers: int, select_layer: int) -> int:
 
 def tower_config_from_languagebind(directory: Path, select_layer: int) -> TowerConfig:
     """The TowerConfig of a LanguageBind directory's `config.json` (its `vision_config`)."""
-    raw = _read_json(directory / CONFIG_NAME, "a LanguageBind tower directory")
+    raw = read_json(directory / CONFIG_NAME, "a LanguageBind tower directory")
     vision = raw.get("vision_config")
     if not isinstance(vision, dict):
         raise FaceLlavaError(f"{directory / CONFIG_NAME} has no vision_config: not a LanguageBind tower")
@@ -477,7 +350,7 @@ def bundle_source_checkpoint(bundle: Any, checkpoint: str | Path | None, flag: s
     if checkpoint is None:
         raise FaceLlavaError(f"this needs the PyTorch checkpoint {bundle.path} was exported from: pass {flag} "
                              f"DIR{hint}")
-    directory = _checkpoint_dir(checkpoint)
+    directory = checkpoint_directory(checkpoint)
     expected = bundle.manifest.source.get("checkpoint_sha256")
     if not expected:
         raise FaceLlavaError(f"{bundle.path}'s manifest records no checkpoint fingerprint, so {directory} cannot be "
@@ -510,7 +383,7 @@ def load_face_llava(checkpoint_dir: str | Path, image_tower: str | Path | None =
     export, at a fraction of the memory. Returns the model in eval mode, with `tokenizer` set when the checkpoint
     has a `tokenizer.model`.
     """
-    directory = _checkpoint_dir(checkpoint_dir)
+    directory = checkpoint_directory(checkpoint_dir)
     config = read_config(directory)
     if branch_scale is not None:
         config.branch_scale = branch_scale

@@ -33,7 +33,8 @@ from tqdm import tqdm
 
 from facellava import contract
 from facellava.errors import FaceLlavaError
-from facellava.model.loading import CheckpointWeights, read_config
+from facellava.model.checkpoint import CheckpointWeights
+from facellava.model.loading import read_config
 
 LOGIT_CHUNK_ROWS = 8192  # lm_head rows converted to float32 at once (32000 x 4096 would be 0.5 GB)
 DEFAULT_MAX_POSITIONS = 16384  # hidden states carried at once per group of prompts (0.27 GB at 7B width)
@@ -166,7 +167,7 @@ class LayerStream:
         for index in tqdm(range(self.num_layers), desc="PyTorch layers", unit="layer", disable=not progress):
             layer = self.layer(index)
             for i in range(len(hidden)):
-                handles = [] if statistics is None else _collect_inputs(layer, f"model.layers.{index}.", statistics[i])
+                handles = [] if statistics is None else collect_inputs(layer, f"model.layers.{index}.", statistics[i])
                 hidden[i] = layer(hidden[i], attention_mask=masks[i], position_ids=positions[i],
                                   position_embeddings=rope[i])
                 for handle in handles:
@@ -198,14 +199,14 @@ class LayerStream:
         return out
 
 
-def _collect_inputs(layer: torch.nn.Module, prefix: str, statistics: SquaredInputs) -> list[Any]:
-    """Forward pre-hooks that add the inputs of every nn.Linear of `layer` to `statistics` under
-    `prefix + module name`; returns their handles."""
+def collect_inputs(module: torch.nn.Module, prefix: str, statistics: SquaredInputs) -> list[Any]:
+    """Forward pre-hooks that add the inputs of every nn.Linear in `module` (a decoder layer, or a whole LLaMA) to
+    `statistics` under `prefix + module name`; returns their handles, for the caller to remove."""
     def hook(name: str) -> Callable[..., None]:
         return lambda _module, inputs: statistics.add(name, inputs[0])
 
-    return [module.register_forward_pre_hook(hook(prefix + name)) for name, module in layer.named_modules()
-            if isinstance(module, torch.nn.Linear)]
+    return [linear.register_forward_pre_hook(hook(prefix + name)) for name, linear in module.named_modules()
+            if isinstance(linear, torch.nn.Linear)]
 
 
 @dataclass

@@ -19,10 +19,9 @@ import torch
 from facellava import contract
 from facellava.atomic import staged_directory
 from facellava.errors import FaceLlavaError
-from facellava.model.loading import CHECKPOINT_PREFIXES, CONFIG_NAME, TOKENIZER_NAME
+from facellava.model.checkpoint import CONFIG_NAME, TOKENIZER_NAME, WeightFormat, official_state_dict, write_weights
 from facellava.model.modeling import FaceLlava, FaceLlavaConfig, LanguageBindTower, TowerConfig
 
-WeightFormat = Literal["bin", "safetensors"]
 TowerPlacement = Literal["directories", "embedded", "none"]
 
 IMAGE_TOWER_DIR = "LanguageBind_Image"
@@ -146,19 +145,6 @@ def _randomize(module: torch.nn.Module, generator: torch.Generator) -> None:
             tensor.copy_(values)
 
 
-def official_state_dict(model: FaceLlava) -> dict[str, torch.Tensor]:
-    """Our module names back to the official checkpoint keys (the inverse of CHECKPOINT_PREFIXES)."""
-    state = {}
-    for name, tensor in model.state_dict().items():
-        if name.startswith(("image_tower.", "video_tower.")):
-            continue
-        for official, ours in CHECKPOINT_PREFIXES:
-            if ours is not None and name.startswith(ours):
-                state[official + name[len(ours):]] = tensor.contiguous()
-                break
-    return state
-
-
 def _tower_state(tower: LanguageBindTower, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """A LanguageBind checkpoint's tensors: the vision trunk under `vision_model.`, plus the parts the features
     never use (post_layernorm, projections, a token of text tower) so that loading must skip them."""
@@ -180,34 +166,6 @@ def _languagebind_config(video: bool) -> dict:
     return {"architectures": [name], "model_type": name, "projection_dim": 64,
             "text_config": {"hidden_size": 64, "num_hidden_layers": 1, "vocab_size": 100},
             "vision_config": vision}
-
-
-def write_weights(directory: Path, state: dict[str, torch.Tensor], weight_format: WeightFormat,
-                   shards: int) -> None:
-    """Write `state` as the official trainer does: one file, or numbered shards plus an index."""
-    from safetensors.torch import save_file
-
-    def save(part: dict[str, torch.Tensor], path: Path) -> None:
-        if weight_format == "safetensors":
-            save_file(part, str(path), metadata={"format": "pt"})
-        else:
-            torch.save(part, path)
-
-    base, ext = ("model", "safetensors") if weight_format == "safetensors" else ("pytorch_model", "bin")
-    keys = list(state)
-    if shards <= 1:
-        save(state, directory / f"{base}.{ext}")
-        return
-    per_shard = -(-len(keys) // shards)
-    weight_map = {}
-    for i in range(shards):
-        name = f"{base}-{i + 1:05d}-of-{shards:05d}.{ext}"
-        part = {k: state[k] for k in keys[i * per_shard:(i + 1) * per_shard]}
-        save(part, directory / name)
-        weight_map.update({k: name for k in part})
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (directory / f"{base}.{ext}.index.json").write_text(json.dumps(index, indent=2))
 
 
 def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0, cross_attn: str = "simple",

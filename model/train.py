@@ -40,18 +40,18 @@ from torch import nn
 from facellava import contract
 from facellava.atomic import staged_directory
 from facellava.errors import FaceLlavaError
-from facellava.model.data import ConversationDataset, ConversationTokenizer, Example, Record, UnusableRecord
-from facellava.model.loading import (
+from facellava.model.checkpoint import (
     CONFIG_NAME,
     TOKENIZER_NAME,
     TOWER_PREFIXES,
-    WEIGHT_LAYOUTS,
     CheckpointWeights,
-    read_config,
-    tower_directory,
+    official_state_dict,
+    weight_layout,
+    write_weights,
 )
+from facellava.model.data import ConversationDataset, ConversationTokenizer, Example, Record, UnusableRecord
+from facellava.model.loading import read_config, tower_directory
 from facellava.model.modeling import FaceLlava
-from facellava.model.tiny import official_state_dict, write_weights
 
 LANDMARK_MODULES = ("landmarks_projector", "global_landmarks_projector", "landmarks_cross_attn")
 DEFAULT_LR = {1: 1e-4, 2: 2e-5}  # the released scripts' learning rates
@@ -261,18 +261,6 @@ def _restore_training_state(state_dir: Path, model: FaceLlava, optimizer: torch.
 # --- saving the model in the official layout ------------------------------------------------------------------
 
 
-def _weight_layout(checkpoint: Path) -> tuple[str, int]:
-    """The base checkpoint's weight format ("bin" / "safetensors") and number of shards, to write the same."""
-    for index_name, single_name in WEIGHT_LAYOUTS:
-        weight_format = "safetensors" if single_name.endswith("safetensors") else "bin"
-        if (checkpoint / index_name).is_file():
-            weight_map = json.loads((checkpoint / index_name).read_text())["weight_map"]
-            return weight_format, len(set(weight_map.values()))
-        if (checkpoint / single_name).is_file():
-            return weight_format, 1
-    raise FaceLlavaError(f"{checkpoint} holds no weights")
-
-
 def _link_tree(source: Path, target: Path) -> None:
     """Copy a directory as hard links where the file system allows it (a 7B run's towers cost no space)."""
     def link_or_copy(src: str, dst: str) -> None:
@@ -299,7 +287,7 @@ def save_face_llava(model: FaceLlava, out: str | Path, base_checkpoint: str | Pa
     raw_config = json.loads((base / CONFIG_NAME).read_text())
     config = read_config(base)
     weights = CheckpointWeights.open(base)
-    weight_format, shards = _weight_layout(base)
+    weight_format, shards = weight_layout(base)
     first_llm_key = next(key for key in weights.keys() if key.startswith("model.layers."))
     dtype = weights.get(first_llm_key).dtype
 

@@ -20,7 +20,8 @@ from facellava.cli import main
 from facellava.export import llm_parity
 from facellava.export.gguf import convert_to_gguf, llava_v1_chat_template, rope_permute, tensor_plan
 from facellava.export.quantize import QUANT_TYPES, load_imatrix, save_imatrix
-from facellava.model.loading import CheckpointWeights, read_config
+from facellava.model.checkpoint import CheckpointWeights
+from facellava.model.loading import read_config
 from facellava.runtime.llm import LlamaModel
 
 PLAIN_TYPES = ["f32", "f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"]

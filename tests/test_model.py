@@ -14,7 +14,7 @@ from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
 from facellava import contract
 from facellava.model import FaceLlava
-from facellava.model.loading import CheckpointWeights
+from facellava.model.checkpoint import CheckpointWeights
 
 torch.manual_seed(1234)
 

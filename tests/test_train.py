@@ -16,13 +16,13 @@ from facellava import contract
 from facellava.cli import main
 from facellava.errors import FaceLlavaError
 from facellava.model import FaceLlava
+from facellava.model.checkpoint import CheckpointWeights
 from facellava.model.data import (
     ConversationDataset,
     ConversationTokenizer,
     conversation_prompt,
     supervised_labels,
 )
-from facellava.model.loading import CheckpointWeights
 from facellava.model.modeling import IGNORE_INDEX
 from facellava.model.synthetic import make_synthetic_data
 from facellava.model.train import TrainConfig, train
