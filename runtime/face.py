@@ -41,7 +41,7 @@ from facellava.contract import (
     video_frame_indices,
 )
 from facellava.errors import FaceLlavaError
-from facellava.runtime.preprocess import expand2square
+from facellava.runtime.preprocess import SQUARE_FILL, expand2square
 
 # FFmpeg's own complaints about a broken video would reach the user's terminal before our one-line error.
 # OpenCV reads this once, when it opens its first video, so it is set on import; a user's own setting wins.
@@ -68,9 +68,22 @@ def _quiet_native_stderr() -> Iterator[None]:
 
 # An image smaller than this on either side cannot hold a face the detector can find.
 MIN_IMAGE_SIDE = 32
-# Detection runs on a copy no larger than this (BlazeFace looks at 128 or 192 pixels anyway); the crop is cut
-# from the original.
-MAX_DETECT_SIDE = 1920
+# Each view of the image is shrunk to at most this side before detection (BlazeFace looks at 128 or 192 pixels
+# anyway); the crop is cut from the original.
+VIEW_SIDE = 384
+# The smallest face searched for, in image pixels: tiles get small enough for BlazeFace full range to see it; on
+# large images at least this fraction of the long side (1280 pixels: 20; 1920: 30; 6000: 94), which bounds the
+# number of tiles (and the time) whatever the resolution.
+MIN_FACE_SIDE = 20
+MIN_FACE_FRACTION = 1 / 64
+# Tiles: the finest level has the smallest face at this fraction of its side (where full range scores it surely);
+# neighbours overlap by this fraction of a tile; each level of tiles is this many times larger than the last.
+TILE_FACE_FRACTION = 0.14
+TILE_OVERLAP = 0.25
+TILE_LEVEL_RATIO = 3
+# BlazeFace full range finds faces down to about this fraction of the view's side (composites of the shipped
+# photograph: scores >= 0.7 from 0.055 of the view in 2 of 4 cases, 0.0625 in 3 of 4, 0.078 in 4 of 4).
+FULL_RANGE_MIN_FRACTION = 0.07
 # MediaPipe's default threshold is 0.5, but on synthetic noise images both BlazeFace models scored up to 0.63,
 # while the shipped photograph scores 0.92 (short range) and real faces we tried scored 0.76 or more.
 MIN_FACE_SCORE = 0.7
@@ -396,23 +409,25 @@ def _process(graph: Any, image: np.ndarray) -> Any:
 class FaceFrontEnd:
     """MediaPipe face detection, the official crop, and face-mesh landmarks, for images and video frames.
 
-    Detection uses BlazeFace short range, the official crop tool's model (its boxes define the crop); when
-    that finds no face (faces small in the frame, several people), the full-range model is tried. The face
-    mesh (with the iris/lips/eyes refinement when `refine_landmarks`) runs on the 256 crop. Holds MediaPipe
-    graphs: reuse one instance, and `close()` it (or use it as a context manager) when done.
+    Detection finds faces of every size (`detect`: BlazeFace short and full range, whole, bordered and tiled),
+    with the official detector's box wherever the official tool would crop. `min_face_side` is the smallest face
+    searched for, in pixels; on images whose long side is over 64 times that, the smallest is 1/64 of the long
+    side (`MIN_FACE_FRACTION`: the tiles, and the time, grow with the square of the ratio). The face mesh (with
+    the iris/lips/eyes refinement when `refine_landmarks`) runs on the crop. Holds MediaPipe graphs: reuse one
+    instance, and `close()` it (or use it as a context manager) when done.
     """
 
     def __init__(
         self,
         min_face_score: float = MIN_FACE_SCORE,
         refine_landmarks: bool = True,
-        max_detect_side: int = MAX_DETECT_SIDE,
+        min_face_side: int = MIN_FACE_SIDE,
     ) -> None:
         import mediapipe as mp  # imported here so that loading images and videos does not pay for it
         from mediapipe.tasks.python import BaseOptions, vision
 
         detection = mp.solutions.face_detection
-        self.max_detect_side = max_detect_side
+        self.min_face_side = min_face_side
         # the short-range graph does not apply min_detection_confidence (set to 0.7, it still returned a 0.52
         # detection), so scores are filtered here. model_selection 0 is the short-range model: the same network
         # as the official tools/detector.tflite (229,746 bytes there; the wheel's copy lacks 32 bytes of metadata)
@@ -441,56 +456,110 @@ class FaceFrontEnd:
         self.close()
 
     def detect(self, rgb: np.ndarray) -> list[FaceBox]:
-        """All faces in an RGB uint8 image, ordered left to right by their box centre.
+        """All faces in an RGB uint8 image, from the smallest searched for (see the class) to larger than the
+        image, ordered left to right by their box centre.
 
-        Images larger than `max_detect_side` are detected on a copy shrunk by an integer factor (area
-        averaging). Boxes are in the original image's pixels either way: the detector's relative box times the
-        image size, truncated to integers as MediaPipe's task API does for the official tool.
+        BlazeFace sees 128 (short range) or 192 (full range) pixels, so one look at a large image misses small
+        faces, and a face filling the image edge to edge is missed too. Measured on composites of the shipped
+        photograph (`benchmarks/face_detection.py`): full range finds faces from about 1/14 of what it sees
+        (`FULL_RANGE_MIN_FRACTION`) to 0.8 of it, short range from about 1/6 to the whole image. So the image is
+        looked at: whole by the official detector (short range, the task API) and by full range; inside a border
+        by short range (faces larger than the image); and in overlapping square tiles (half a tile apart) by full
+        range, each level of tiles half the side of the one before, down to tiles in which full range sees the
+        smallest face searched for. A detection touching a tile's inner edge is dropped (the face lies whole in
+        a neighbouring tile); of overlapping detections the official one, else the best scored, is kept. Views
+        are shrunk (area averaging) to at most `VIEW_SIDE` before MediaPipe sees them. Boxes are in the original
+        image's pixels, in the official detector's convention (`FaceBox`).
         """
         rgb = check_image(rgb)
         height, width = rgb.shape[:2]
-        factor = math.ceil(max(height, width) / self.max_detect_side)
-        if factor > 1:
-            # an integer factor takes OpenCV's fast area-averaging path (a fractional one is 4x slower); the
-            # fewer than `factor` rows and columns past the last whole block are left out of detection
-            height, width = height // factor * factor, width // factor * factor
-            small = cv2.resize(rgb[:height, :width], (width // factor, height // factor), interpolation=cv2.INTER_AREA)
-        else:
-            small = rgb
+        official, candidates = self._official_detections(rgb)
+        full_range, short_range = self._detectors[1], self._detectors[0]
+        candidates += self._look(full_range, rgb, 0, 0, width, height)
+        border = max(height, width) // 4
+        candidates += self._look(short_range, rgb, 0, 0, width, height, border=border)
+        for side in self._tile_sides(height, width):
+            for top in _tile_starts(height, side):
+                for left in _tile_starts(width, side):
+                    candidates += self._look(full_range, rgb, left, top, min(side, width - left),
+                                             min(side, height - top), tile=True)
+        return sorted(_merge(candidates, official, self.min_face_score), key=lambda box: box.center[0])
+
+    def detect_near(self, rgb: np.ndarray, box: FaceBox) -> list[FaceBox]:
+        """The faces in a square of three times `box`'s side around its centre (a face followed from one video
+        frame to the next), with the official detector's box where the official rule applies; `detect`'s views
+        of that square, without tiles."""
+        rgb = check_image(rgb)
+        height, width = rgb.shape[:2]
+        official, candidates = self._official_detections(rgb)
+        side = 3 * max(box.width, box.height)
+        cx, cy = box.center
+        left, top = max(0, int(cx - side / 2)), max(0, int(cy - side / 2))
+        right, bottom = min(width, int(cx + side / 2)), min(height, int(cy + side / 2))
         for detector in self._detectors:
-            detections = [
-                detection for detection in _process(detector, small).detections or []
-                if detection.score[0] >= self.min_face_score
-            ]
-            if detections:
+            candidates += self._look(detector, rgb, left, top, right - left, bottom - top, tile=True)
+        return sorted(_merge(candidates, official, self.min_face_score), key=lambda box: box.center[0])
+
+    def _tile_sides(self, height: int, width: int) -> list[int]:
+        """The sides of the tile levels, finest first: the finest has the smallest face searched for at
+        `TILE_FACE_FRACTION` of its side; each next is `TILE_LEVEL_RATIO` times larger, until the tiles' overlap
+        holds every face too small for the whole-image view (below `FULL_RANGE_MIN_FRACTION` of the long side)."""
+        long_side = max(height, width)
+        smallest = max(self.min_face_side, MIN_FACE_FRACTION * long_side)
+        sides = []
+        side = smallest / TILE_FACE_FRACTION
+        while side < long_side:
+            sides.append(round(side))
+            if TILE_OVERLAP * side >= FULL_RANGE_MIN_FRACTION * long_side:
                 break
+            side *= TILE_LEVEL_RATIO
+        return sides
+
+    def _look(self, detector: Any, rgb: np.ndarray, left: int, top: int, width: int, height: int, border: int = 0,
+              tile: bool = False) -> list[FaceBox]:
+        """Run one legacy detector on a view of the image (a region, optionally inside a border of the processor's
+        mean colour); the detections in image pixels. In a tile, detections touching an inner edge are dropped."""
+        view = rgb[top : top + height, left : left + width]
+        if border:
+            view = cv2.copyMakeBorder(view, border, border, border, border, cv2.BORDER_CONSTANT, value=SQUARE_FILL)
+        view_height, view_width = view.shape[:2]
+        scale = VIEW_SIDE / max(view_height, view_width)
+        if scale < 1:
+            view = cv2.resize(view, (max(1, round(view_width * scale)), max(1, round(view_height * scale))),
+                              interpolation=cv2.INTER_AREA)
+        image_height, image_width = rgb.shape[:2]
+        edge = 0.02 * max(width, height)
         boxes = []
-        for detection in detections:
+        for detection in _process(detector, np.ascontiguousarray(view)).detections or []:
             relative = detection.location_data.relative_bounding_box
-            boxes.append(
-                FaceBox(
-                    x=max(0, int(relative.xmin * width)),
-                    y=max(0, int(relative.ymin * height)),
-                    width=int(relative.width * width),
-                    height=int(relative.height * height),
-                    score=float(detection.score[0]),
-                )
-            )
-        return sorted(_adopt_official(boxes, self.official_box(rgb)), key=lambda box: box.center[0])
+            x = left - border + relative.xmin * view_width
+            y = top - border + relative.ymin * view_height
+            box_width, box_height = relative.width * view_width, relative.height * view_height
+            if tile and ((left > 0 and x < left + edge) or (top > 0 and y < top + edge)
+                         or (left + width < image_width and x + box_width > left + width - edge)
+                         or (top + height < image_height and y + box_height > top + height - edge)):
+                continue
+            boxes.append(FaceBox(max(0, int(x)), max(0, int(y)), int(box_width), int(box_height),
+                                 float(detection.score[0])))
+        return boxes
+
+    def _official_detections(self, rgb: np.ndarray) -> tuple[FaceBox | None, list[FaceBox]]:
+        """The official detector on the whole image: (its box when it finds exactly one face, else None; all its
+        detections, scored 0.5 or more)."""
+        import mediapipe as mp
+
+        with _quiet_native_stderr():
+            found = self._official.detect(mp.Image(image_format=mp.ImageFormat.SRGB, data=rgb)).detections
+        boxes = [FaceBox(d.bounding_box.origin_x, d.bounding_box.origin_y, d.bounding_box.width,
+                         d.bounding_box.height, float(d.categories[0].score), official=len(found) == 1)
+                 for d in found]
+        return (boxes[0] if len(boxes) == 1 else None), boxes
 
     def official_box(self, rgb: np.ndarray) -> FaceBox | None:
         """The box the official `tools/crop_face.py` would crop: its detector (the task API, short-range
         model, default options) on the whole image, when it finds exactly one face (the official rule); else
         None."""
-        import mediapipe as mp
-
-        with _quiet_native_stderr():
-            found = self._official.detect(mp.Image(image_format=mp.ImageFormat.SRGB, data=rgb)).detections
-        if len(found) != 1:
-            return None
-        box = found[0].bounding_box
-        return FaceBox(box.origin_x, box.origin_y, box.width, box.height, float(found[0].categories[0].score),
-                       official=True)
+        return self._official_detections(check_image(rgb))[0]
 
     def landmarks(self, crop: np.ndarray) -> np.ndarray | None:
         """The 68 iBUG landmarks of the face in a square crop (the 256 face crop, or a whole image squared by
@@ -558,9 +627,14 @@ class FaceFrontEnd:
             return [self.process_image(frame, no_face_crop=True, landmarks=landmarks) for frame in frames]
 
         detect_ms, found = [], []
+        followed: FaceBox | None = None
         for frame in frames:
             start = time.perf_counter()
-            found.append(self.detect(frame))
+            # every size until the face is chosen; after that, only around it (a few views instead of tiles)
+            faces = self.detect(frame) if followed is None else self.detect_near(frame, followed)
+            if faces:
+                followed = _pick_face(faces, face_index, name) if followed is None else _nearest(faces, followed)
+            found.append(faces)
             detect_ms.append((time.perf_counter() - start) * 1000)
         boxes = _follow_face(found, face_index, name)
 
@@ -588,17 +662,37 @@ def _iou(a: FaceBox, b: FaceBox) -> float:
     return inter / (a.area + b.area - inter) if inter else 0.0
 
 
-def _adopt_official(faces: list[FaceBox], official: FaceBox | None) -> list[FaceBox]:
-    """The faces with the official detector's box in place of the one that is the same face (IoU >= 0.5), so that
-    where the official tool would crop, the crop is its crop. An official detection that none of the faces
-    confirms (it scored 0.5 to `min_face_score`, the range where noise scores too) is not a face here."""
-    if official is None:
-        return faces
-    same = [i for i, face in enumerate(faces) if _iou(face, official) >= 0.5]
-    if not same:
-        return faces
-    best = max(same, key=lambda i: _iou(faces[i], official))
-    return [official if i == best else face for i, face in enumerate(faces)]
+def _overlaps(a: FaceBox, b: FaceBox) -> bool:
+    """The same face: IoU >= 0.3, or most of the smaller box inside the larger (a partial face seen in a tile)."""
+    width = min(a.x + a.width, b.x + b.width) - max(a.x, b.x)
+    height = min(a.y + a.height, b.y + b.height) - max(a.y, b.y)
+    inter = max(0, width) * max(0, height)
+    return _iou(a, b) >= 0.3 or inter >= 0.6 * min(a.area, b.area)
+
+
+def _merge(candidates: list[FaceBox], official: FaceBox | None, min_score: float) -> list[FaceBox]:
+    """One box per face. Where the official rule applies, the official detector's box is the face's box, so that
+    the crop is the official tool's; it counts as a face when it scores `min_score` or another view confirms it
+    (IoU >= 0.5 with a detection scoring that much): official scores from 0.5 up are also what noise scores.
+    Otherwise the best-scored of overlapping detections is kept."""
+    kept: list[FaceBox] = []
+    if official is not None and (official.score >= min_score or any(
+            box.score >= min_score and _iou(box, official) >= 0.5 for box in candidates)):
+        kept.append(official)
+    for box in sorted(candidates, key=lambda box: -box.score):
+        if box.score >= min_score and not box.official and not any(_overlaps(box, other) for other in kept):
+            kept.append(box)
+    return kept
+
+
+def _tile_starts(length: int, side: int) -> list[int]:
+    """Where square tiles of `side` start along an axis of `length`: evenly spaced so that neighbours overlap by
+    at least `TILE_OVERLAP` of a tile (a face that small lies whole in one of them), the last one ending at the
+    edge (one tile when the axis is no longer than a tile)."""
+    if length <= side:
+        return [0]
+    count = math.ceil((length - side) / ((1 - TILE_OVERLAP) * side)) + 1
+    return [round(i * (length - side) / (count - 1)) for i in range(count)]
 
 
 def _pick_face(faces: list[FaceBox], face_index: int | None, name: str) -> FaceBox:
@@ -623,10 +717,14 @@ def _follow_face(found: list[list[FaceBox]], face_index: int | None, name: str) 
     chosen[first] = previous = _pick_face(found[first], face_index, name)
     for i in range(first + 1, len(found)):
         if found[i]:
-            px, py = previous.center
-            previous = min(found[i], key=lambda box: (box.center[0] - px) ** 2 + (box.center[1] - py) ** 2)
-            chosen[i] = previous
+            chosen[i] = previous = _nearest(found[i], previous)
     return [chosen[_nearest_present(chosen, i)] for i in range(len(found))]
+
+
+def _nearest(faces: list[FaceBox], previous: FaceBox) -> FaceBox:
+    """The face whose centre is nearest to `previous`'s."""
+    px, py = previous.center
+    return min(faces, key=lambda box: (box.center[0] - px) ** 2 + (box.center[1] - py) ** 2)
 
 
 def _fill_from_nearest(results: list[FaceCrop]) -> None:

@@ -249,7 +249,7 @@ def test_very_large_image_works(tmp_path, photo, photo_face):
     big = cv2.resize(photo, (6000, 6000), interpolation=cv2.INTER_LINEAR)
     path = tmp_path / "big.jpg"
     cv2.imwrite(str(path), cv2.cvtColor(big, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
-    with FaceFrontEnd(max_detect_side=1024) as front_end:
+    with FaceFrontEnd() as front_end:
         face = front_end.process_image(load_image(path))
     scale = 6000 / 512
     assert abs(face.box.x - photo_face.box.x * scale) < 0.02 * 6000
