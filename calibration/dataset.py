@@ -35,7 +35,7 @@ from facellava import contract
 from facellava.atomic import staged_directory
 from facellava.errors import FaceLlavaError
 from facellava.runtime import face
-from facellava.runtime.preprocess import expand2square, preprocess_image, preprocess_video
+from facellava.runtime.medium import prepare_medium
 
 MODALITIES: tuple[contract.Modality, ...] = ("image", "video")
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
@@ -335,37 +335,16 @@ def _display(path: Path, source: Path) -> str:
 
 
 def _read(candidate: _Candidate, front_end: face.FaceFrontEnd) -> tuple[np.ndarray, np.ndarray]:
-    """(pixel_values, landmarks) of one medium, as the runtime computes them. Raises _Unusable or FaceLlavaError."""
-    if candidate.modality == "image":
-        rgb = face.load_image(candidate.path)
-        if candidate.is_crop:  # the data's face crops: squared as --no-face-crop does
-            crop = expand2square(rgb)
-            points = (face.load_landmarks(candidate.landmarks, "image") if candidate.landmarks
-                      else front_end.landmarks(crop))
-        else:
-            found = front_end.process_image(rgb, name=str(candidate.path))
-            crop, points = found.crop, found.landmarks
-        if points is None:
-            raise _Unusable("the face mesh found no landmarks")
-        return preprocess_image(crop), points
-
-    video = face.read_video(candidate.path)
-    if candidate.is_crop:
-        crops = [expand2square(face.check_image(frame)) for frame in video.frames]
-        if candidate.landmarks:
-            points = face.load_landmarks(candidate.landmarks, "video", num_video_frames=video.num_frames)
-        else:
-            found = [front_end.landmarks(crop) for crop in crops]
-            if any(p is None for p in found):
-                raise _Unusable("the face mesh found no landmarks in some frames")
-            points = np.stack(found)
-    else:
-        faces = front_end.process_video(video.frames, name=str(candidate.path))
-        crops = [f.crop for f in faces]
-        if faces[0].landmarks is None:
-            raise _Unusable("the face mesh found no landmarks")
-        points = np.stack([f.landmarks for f in faces])
-    return preprocess_video(crops), points
+    """(pixel_values, landmarks) of one medium, as the runtime computes them (`prepare_medium`): a data JSON's face
+    crops are used whole, as --no-face-crop does, with their landmarks file when they have one. Raises _Unusable or
+    FaceLlavaError."""
+    medium = {candidate.modality: candidate.path}
+    prepared = prepare_medium(front_end, medium.get("image"), medium.get("video"),
+                              landmarks=candidate.landmarks if candidate.is_crop else None,
+                              no_face_crop=candidate.is_crop, name=str(candidate.path))
+    if prepared.landmarks is None:
+        raise _Unusable("the face mesh found no landmarks")
+    return prepared.pixel_values, prepared.landmarks
 
 
 def _reason_kind(reason: str) -> str:

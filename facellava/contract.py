@@ -59,6 +59,17 @@ LANDMARK_REGIONS: tuple[tuple[str, int, int], ...] = (
     ("teeth", 60, 68),
 )
 
+# The left/right mirror of the layout: point i of a face is point IBUG68_MIRROR[i] of the horizontally flipped face
+# (a detector numbers a mirrored face from the image's left again).
+IBUG68_MIRROR: tuple[int, ...] = (
+    *range(16, -1, -1),  # jaw
+    *range(26, 16, -1),  # eyebrows
+    27, 28, 29, 30, 35, 34, 33, 32, 31,  # nose
+    45, 44, 43, 42, 47, 46, 39, 38, 37, 36, 41, 40,  # eyes
+    54, 53, 52, 51, 50, 49, 48, 59, 58, 57, 56, 55,  # outer lips
+    64, 63, 62, 61, 60, 67, 66, 65,  # inner lips
+)
+
 # --- bundle -------------------------------------------------------------------------------------------------
 
 MANIFEST_NAME = "manifest.json"

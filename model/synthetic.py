@@ -55,18 +55,6 @@ def front_end_landmarks() -> LandmarkSource:
 # Where the canonical shape's unit square lies on astronaut.jpg (x0, y0, x1, y1 in photo pixels), fitted by eye.
 FACE_BOX = (181.0, 66.0, 270.0, 178.0)
 
-# iBUG-68 index of each point's mirror image, for horizontal flips.
-MIRROR = np.array(
-    list(range(16, -1, -1))  # jaw
-    + list(range(26, 21, -1)) + list(range(21, 16, -1))  # eyebrows swap
-    + [27, 28, 29, 30]  # nose bridge
-    + [35, 34, 33, 32, 31]  # nostrils
-    + [45, 44, 43, 42, 47, 46]  # eye1 -> eye2
-    + [39, 38, 37, 36, 41, 40]  # eye2 -> eye1
-    + [54, 53, 52, 51, 50, 49, 48, 59, 58, 57, 56, 55]  # outer lips
-    + [64, 63, 62, 61, 60, 67, 66, 65]  # inner lips
-)
-
 
 def canonical_face_shape() -> np.ndarray:
     """A frontal 68-point iBUG face in a unit square (x right, y down), built from arcs and ellipses: [68, 2]."""
@@ -99,7 +87,7 @@ def mean_face_landmarks(crop: np.ndarray, affine: np.ndarray) -> np.ndarray:
     photo_points = canonical_face_shape() * [x1 - x0, y1 - y0] + [x0, y0]
     points = photo_points @ affine[:, :2].T + affine[:, 2]
     if np.linalg.det(affine[:, :2]) < 0:
-        points = points[MIRROR]
+        points = points[list(contract.IBUG68_MIRROR)]
     return points.astype(np.float32)
 
 

@@ -129,15 +129,6 @@ MESH_TO_IBUG68: tuple[tuple[int, ...], ...] = (
 )
 assert len(MESH_TO_IBUG68) == NUM_LANDMARKS
 
-# The iBUG-68 left/right mirror: point i of a face is point IBUG68_MIRROR[i] of the horizontally flipped face.
-IBUG68_MIRROR: tuple[int, ...] = (
-    *range(16, -1, -1),  # jaw
-    *range(26, 16, -1),  # eyebrows
-    27, 28, 29, 30, 35, 34, 33, 32, 31,  # nose
-    45, 44, 43, 42, 47, 46, 39, 38, 37, 36, 41, 40,  # eyes
-    54, 53, 52, 51, 50, 49, 48, 59, 58, 57, 56, 55,  # outer lips
-    64, 63, 62, 61, 60, 67, 66, 65,  # inner lips
-)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,8 @@ import numpy as np
 from facellava import contract
 from facellava.bundle import Bundle
 from facellava.errors import FaceLlavaError
-from facellava.runtime import face, preprocess
+from facellava.runtime import face
+from facellava.runtime.medium import prepare_medium
 from facellava.runtime.session import ChatSession, Generation, Sampling, check_max_tokens, check_question
 from facellava.runtime.vision import VisionBackend, open_vision
 
@@ -171,48 +172,13 @@ class Pipeline:
     def prepare(self, image: str | Path | np.ndarray | None = None, video: str | Path | None = None,
                 landmarks: str | Path | np.ndarray | None = None, no_landmarks: bool = False,
                 no_face_crop: bool = False, face_index: int | None = None) -> PreparedInput:
-        """Face crop, landmarks and preprocessing of one image or video, timed."""
-        if (image is None) == (video is None):
-            raise FaceLlavaError("give exactly one of an image or a video")
-        if no_landmarks and landmarks is not None:
-            raise FaceLlavaError("give landmarks or ask for none, not both")
-        timings = Timings()
-        run_mesh = not no_landmarks and landmarks is None
-        if image is not None:
-            modality: contract.Modality = "image"
-            rgb = image if isinstance(image, np.ndarray) else face.load_image(image)
-            crops = [self.front_end.process_image(face.check_image(rgb), face_index=face_index,
-                                                  no_face_crop=no_face_crop, landmarks=run_mesh)]
-        else:
-            modality = "video"
-            clip = face.read_video(video)
-            crops = self.front_end.process_video(clip.frames, face_index=face_index, no_face_crop=no_face_crop,
-                                                 landmarks=run_mesh)
-        timings.face_detection_ms = sum(c.detect_ms for c in crops)
-        timings.landmarks_ms = sum(c.landmarks_ms for c in crops)
-
-        if no_landmarks:
-            points, source = None, "none"
-        elif landmarks is not None:
-            if isinstance(landmarks, np.ndarray):
-                points = landmarks.astype(np.float32)
-            else:
-                frames = clip.num_frames if modality == "video" else None
-                points = face.load_landmarks(landmarks, modality, frames)
-            source = "file"
-        elif any(c.landmarks is None for c in crops):
-            points, source = None, "none (face mesh found none)"
-        else:
-            points = np.stack([c.landmarks for c in crops]) if modality == "video" else crops[0].landmarks
-            source = "face mesh"
-
-        start = time.perf_counter()
-        if modality == "image":
-            pixels = preprocess.preprocess_image(crops[0].crop)
-        else:
-            pixels = preprocess.preprocess_video([c.crop for c in crops])
-        timings.preprocessing_ms = (time.perf_counter() - start) * 1000
-        return PreparedInput(modality, pixels[None], None if points is None else points[None], source, timings)
+        """Face crop, landmarks and preprocessing of one image or video, timed (`medium.prepare_medium`)."""
+        prepared = prepare_medium(self.front_end, image, video, landmarks, no_landmarks, no_face_crop, face_index)
+        timings = Timings(face_detection_ms=prepared.detect_ms, landmarks_ms=prepared.landmarks_ms,
+                          preprocessing_ms=prepared.preprocessing_ms)
+        points = None if prepared.landmarks is None else prepared.landmarks[None]
+        return PreparedInput(prepared.modality, prepared.pixel_values[None], points, prepared.landmarks_source,
+                             timings)
 
     def ask(self, question: str, image: str | Path | np.ndarray | None = None, video: str | Path | None = None,
             landmarks: str | Path | np.ndarray | None = None, no_landmarks: bool = False,

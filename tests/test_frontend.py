@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facellava.contract import FACE_CROP_SIZE, video_frame_indices
+from facellava.contract import FACE_CROP_SIZE, IBUG68_MIRROR, video_frame_indices
 from facellava.errors import FaceLlavaError
 from facellava.runtime.face import (
-    IBUG68_MIRROR,
     MESH_TO_IBUG68,
     FaceBox,
     FaceFrontEnd,
