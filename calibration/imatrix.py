@@ -4,13 +4,15 @@ llama.cpp's `llama-imatrix` only sees text, but Face-LLaVA's LLM spends most of 
 (256 per image, 2056 per video), whose activations look nothing like text's. So the matrix is collected here,
 in PyTorch, on prompts that include them: the official task questions about calibration images and videos,
 read through the runtime's front end and preprocessing, encoded by `FaceLlava.encode_image/encode_video`, then
-the prompt and a short greedy continuation run through the LLM. A forward hook on every decoder nn.Linear adds
-up the squared input activations per input column and counts the tokens: exactly what `llama-imatrix` collects
+the prompt and a short greedy continuation run through the LLM, streamed from the checkpoint one decoder layer
+at a time (`model.streaming`: bounded memory whatever the model's size). Every decoder nn.Linear adds up its
+squared input activations per input column and counts the tokens: exactly what `llama-imatrix` collects
 (`<tensor>.in_sum2` and `<tensor>.counts`), keyed by the GGUF tensor names of the exporter's table, and written
 in llama.cpp's GGUF imatrix format. As in `llama-imatrix`, `output.weight` is only collected on request.
 
 ```python
-sums, counts, tokens = compute_imatrix(model, samples)
+vision = load_face_llava(checkpoint, llm=False)        # the vision half: visual tokens, tokenizer, names
+sums, counts, tokens = stream_imatrix(vision, checkpoint, calibration_prompts(vision, samples), proposal_gguf=f16)
 save_imatrix("imatrix.gguf", sums, counts)
 ```
 """
@@ -33,7 +35,8 @@ from facellava.errors import FaceLlavaError
 
 if TYPE_CHECKING:
     import torch
-    from torch import nn
+
+    from facellava.model.streaming import SquaredInputs
 
 IMATRIX_NAME = "imatrix.gguf"
 CONTINUATION_TOKENS = 16  # greedy tokens after each prompt: the answer's positions are calibrated too
@@ -102,73 +105,61 @@ def gguf_linear_names(model: Any, include_output: bool = False) -> dict[str, str
     return names
 
 
-class ActivationStatistics:
-    """While active (`with`), every hooked nn.Linear adds its inputs' squared values per column and its token
-    count, in float64, as llama.cpp's imatrix collector does."""
+def _prompt_ids(model: Any, prompt: CalibrationPrompt) -> list[int]:
+    if prompt.modality is None:
+        return text_prompt_ids(model, prompt.question)
+    return model.prompt_ids(prompt.question, prompt.modality)
 
-    def __init__(self, llm: nn.Module, names: dict[str, str]):
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
-        self._modules = {names[n]: m for n, m in llm.named_modules() if n in names}
-        self._handles: list[Any] = []
 
-    def _hook(self, name: str) -> Any:
-        def collect(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
-            total = (x * x).sum(dim=0)
-            self.sums[name] = self.sums[name] + total if name in self.sums else total
-            self.counts[name] = self.counts.get(name, 0) + x.shape[0]
-        return collect
-
-    def __enter__(self) -> ActivationStatistics:
-        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self._modules.items()]
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+def _by_gguf_name(statistics: SquaredInputs, names: dict[str, str]
+                  ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Statistics keyed by checkpoint module name -> ({GGUF name: float32 sums}, {GGUF name: tokens}), only for
+    the matrices of `names` (`gguf_linear_names`)."""
+    sums = {names[key]: values.float().numpy() for key, values in statistics.sums.items() if key in names}
+    counts = {names[key]: float(count) for key, count in statistics.counts.items() if key in names}
+    return sums, counts
 
 
 def compute_imatrix(model: Any, prompts: Sequence[CalibrationPrompt], continuation_tokens: int = CONTINUATION_TOKENS,
                     include_output: bool = False, progress: bool = True
                     ) -> tuple[dict[str, np.ndarray], dict[str, float], int]:
-    """Run each prompt (visual blocks spliced in, then `continuation_tokens` greedy tokens) through the PyTorch
-    LLM and collect llama.cpp's importance statistics. Returns ({GGUF name: sum of squared inputs per column},
-    {GGUF name: tokens}, tokens seen). Raises FaceLlavaError when there is no prompt."""
+    """`stream_imatrix`'s statistics from a whole model in memory (KV-cache greedy decoding): the yardstick the
+    streamed path is tested against, for callers that hold a whole model anyway. `calibrate llm` streams.
+
+    Runs each prompt (visual blocks spliced in, then `continuation_tokens` greedy tokens) through `model.llm`.
+    Returns ({GGUF name: sum of squared inputs per column}, {GGUF name: tokens}, tokens seen). Raises
+    FaceLlavaError when there is no prompt."""
+    from facellava.model.streaming import SquaredInputs, collect_inputs
+
     if not prompts:
         raise FaceLlavaError("no calibration prompt: give images or videos with a detectable face")
-    statistics = ActivationStatistics(model.llm, gguf_linear_names(model, include_output))
-    tokens = 0
-    with statistics:
+    statistics = SquaredInputs()
+    handles = collect_inputs(model.llm, "", statistics)  # module names in model.llm are the checkpoint's
+    try:
         for prompt in tqdm(prompts, desc="importance matrix", unit="prompt", disable=not progress):
-            if prompt.modality is None:
-                ids = text_prompt_ids(model, prompt.question)
-            else:
-                ids = model.prompt_ids(prompt.question, prompt.modality)
-            before = next(iter(statistics.counts.values()), 0)
             # every generated token is fed back, so this runs the prompt and `continuation_tokens` more
-            model.generate_reference(ids, prompt.visual_blocks, max_new_tokens=continuation_tokens,
-                                     stop_at_eos=False)
-            tokens += next(iter(statistics.counts.values())) - before
-    sums = {name: values.float().numpy() for name, values in statistics.sums.items()}
-    counts = {name: float(count) for name, count in statistics.counts.items()}
-    return sums, counts, tokens
+            model.generate_reference(_prompt_ids(model, prompt), prompt.visual_blocks,
+                                     max_new_tokens=continuation_tokens, stop_at_eos=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    sums, counts = _by_gguf_name(statistics, gguf_linear_names(model, include_output))
+    return sums, counts, next(iter(statistics.counts.values()))
 
 
 def stream_imatrix(model: Any, checkpoint: str | Path, prompts: Sequence[CalibrationPrompt],
                    continuation_tokens: int = CONTINUATION_TOKENS, include_output: bool = False,
                    proposal_gguf: str | Path | None = None, progress: bool = True,
                    max_positions: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, float], int]:
-    """`compute_imatrix` in bounded memory: the same statistics, with the LLM streamed from `checkpoint` one
-    decoder layer at a time (`model.streaming`) instead of loaded whole.
+    """The importance statistics in bounded memory: the LLM streamed from `checkpoint` one decoder layer at a
+    time (`model.streaming`), never loaded whole.
 
     Takes a model for the tokenizer, config and module names only (its LLM may stay on the meta device, as
     `load_face_llava(..., llm=False)` leaves it), the checkpoint directory it came from, the prompts, the
     greedy tokens after each, whether to collect `output.weight`, an F32/F16 GGUF of the checkpoint whose
     greedy continuations are verified against PyTorch (without it every streamed pass fixes one token), and how
     many positions to carry at once (default `model.streaming.DEFAULT_MAX_POSITIONS`). The continuation is
-    PyTorch's own greedy decode, as in `compute_imatrix`, so the figures agree with it to float rounding.
+    PyTorch's own greedy decode, so the figures agree with `compute_imatrix`'s to float rounding.
     Returns ({GGUF name: sum of squared inputs per column}, {GGUF name: tokens}, tokens seen). Raises
     FaceLlavaError when there is no prompt or the checkpoint is damaged."""
     from facellava.model.streaming import (
@@ -181,12 +172,7 @@ def stream_imatrix(model: Any, checkpoint: str | Path, prompts: Sequence[Calibra
 
     if not prompts:
         raise FaceLlavaError("no calibration prompt: give images or videos with a detectable face")
-    names = gguf_linear_names(model, include_output)
-    streamed = []
-    for prompt in prompts:
-        ids = (text_prompt_ids(model, prompt.question) if prompt.modality is None
-               else model.prompt_ids(prompt.question, prompt.modality))
-        streamed.append(StreamedPrompt(ids, list(prompt.visual_blocks)))
+    streamed = [StreamedPrompt(_prompt_ids(model, prompt), list(prompt.visual_blocks)) for prompt in prompts]
     propose = None
     if proposal_gguf is not None:
         from facellava.export.llm_parity import gguf_proposer
@@ -199,8 +185,7 @@ def stream_imatrix(model: Any, checkpoint: str | Path, prompts: Sequence[Calibra
     for result in results:
         assert result.statistics is not None  # collect=True
         total.merge(result.statistics)
-    sums = {names[key]: values.float().numpy() for key, values in total.sums.items() if key in names}
-    counts = {names[key]: float(count) for key, count in total.counts.items() if key in names}
+    sums, counts = _by_gguf_name(total, gguf_linear_names(model, include_output))
     return sums, counts, sum(p.positions + continuation_tokens for p in streamed)
 
 
@@ -215,25 +200,28 @@ def calibrate_llm_bundle(bundle: str | Path, data: str | Path, types: str | Sequ
     found by `find_tower`, or given) on the images and videos of
     `data` (a folder or a data JSON; a seeded selection of `limit`), store it in the bundle as `imatrix.gguf`
     (manifest kind "data"), then quantize the LLM to `types` with it (`export.llm.export_llm_bundle`, parity
-    checked). Returns {"imatrix": details, "parity": {file: figures}}. Raises FaceLlavaError for a missing or
-    different checkpoint, data without a usable face, or a type or parity problem (the bundle's GGUFs are then left
-    as they were)."""
+    checked). The LLM is streamed (`stream_imatrix`), the bundle's F32 or F16 GGUF proposing the greedy
+    continuations that PyTorch verifies (without one, each streamed pass fixes one token). Returns
+    {"imatrix": details, "parity": {file: figures}}. Raises FaceLlavaError for a missing or different checkpoint,
+    data without a usable face, or a type or parity problem (the bundle's GGUFs are then left as they were)."""
     from facellava.bundle import Bundle, BundleWriter
     from facellava.calibration.dataset import build_calibration_set
-    from facellava.export.llm import export_llm_bundle, parse_types
+    from facellava.export.llm import export_llm_bundle, gguf_name, parse_types
     from facellava.export.quantize import save_imatrix
-    from facellava.model.loading import bundle_source_checkpoint
-    from facellava.model.modeling import FaceLlava
+    from facellava.model.loading import bundle_source_checkpoint, load_face_llava
 
     parse_types(types, have_imatrix=True)  # a bad type name fails before the long work
     opened = Bundle.open(bundle)
     source = bundle_source_checkpoint(opened, checkpoint)
     calibration = build_calibration_set(data, limit=limit, seed=seed, progress=progress)
     media = calibration.samples()
-    model = FaceLlava.from_pretrained(source, image_tower=image_tower, video_tower=video_tower).eval()
-    prompts = calibration_prompts(model, media, progress)
-    sums, counts, tokens = compute_imatrix(model, prompts, continuation_tokens, include_output, progress)
-    del model
+    # the vision half only (the LLM stays on the meta device); the decoder is streamed from the checkpoint
+    vision = load_face_llava(source, image_tower=image_tower, video_tower=video_tower, llm=False)
+    prompts = calibration_prompts(vision, media, progress)
+    proposer = next((opened.path_of(gguf_name(t)) for t in ("f32", "f16") if gguf_name(t) in opened.files), None)
+    sums, counts, tokens = stream_imatrix(vision, source, prompts, continuation_tokens, include_output,
+                                          proposal_gguf=proposer, progress=progress)
+    del vision
     details = {"prompts": len(prompts), "tokens": tokens, "files_skipped": len(calibration.skipped),
                "images": sum(p.modality == "image" for p in prompts),
                "videos": sum(p.modality == "video" for p in prompts),
