@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+from stat import S_ISDIR
 from typing import Any
 
 from facellava import __version__, contract
@@ -410,7 +411,13 @@ class _VerifiedCache:
 
 def _bundle_root(path: str | Path) -> Path:
     directory = Path(path)
-    if not directory.is_dir():
+    try:
+        is_directory = S_ISDIR(directory.stat().st_mode)
+    except FileNotFoundError:
+        is_directory = False
+    except OSError as error:  # a folder on the way this user may not enter, a name too long, ...
+        raise FaceLlavaError(f"bundle {directory} cannot be reached: {error.strerror}") from None
+    if not is_directory:
         raise FaceLlavaError(f"bundle {directory} does not exist or is not a directory")
     return Path(os.path.realpath(directory))
 

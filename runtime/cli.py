@@ -38,9 +38,11 @@ def run_arguments(parser: argparse.ArgumentParser) -> None:
                                        "or deepfake (constrained decoding; see facellava.runtime.structured)")
 
 
-def pipeline_arguments(parser: argparse.ArgumentParser, torch: bool = False) -> None:
+def pipeline_arguments(parser: argparse.ArgumentParser, torch: bool = False, priority: str = "normal") -> None:
     """How `run` and `serve` open a bundle: the GGUF type, the vision backend and precision, llama.cpp's context,
-    cache, attention and CPU thread policy (`torch`: also PyTorch vision from the source checkpoint)."""
+    cache, attention and CPU thread policy, the process's CPU priority (`priority`: its default; a default other
+    than normal that the system refuses is a warning, an explicit one an error), and with `torch` PyTorch vision
+    from the source checkpoint."""
     parser.add_argument("--llm", help="GGUF type (default: the most precise in the bundle)")
     parser.add_argument("--vision", default="auto",
                         help="auto, onnxruntime, tensorrt" + (" or torch" if torch else ""))
@@ -55,25 +57,38 @@ def pipeline_arguments(parser: argparse.ArgumentParser, torch: bool = False) -> 
     parser.add_argument("--kv-cache", choices=["f16", "f32"], default="f16", help="llama.cpp's KV cache type")
     parser.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto",
                         help="llama.cpp's flash attention (off + --kv-cache f32: as exact as the export's parity)")
-    parser.add_argument("--threads", type=int, help="llama.cpp's CPU threads (default: the usable cores)")
+    parser.add_argument("--threads", type=int, help="llama.cpp's CPU threads for decoding (default: the runtime's "
+                                                     "thread policy)")
+    parser.add_argument("--threads-batch", type=int, help="llama.cpp's CPU threads for prefill (default: the usable "
+                                                           "cores)")
     parser.add_argument("--poll", type=int, metavar="0-100",
-                        help="how hard llama.cpp's idle threads busy-wait (default: the runtime's thread policy; "
-                             "0 on a CPU shared with other work)")
+                        help="how hard llama.cpp's idle threads busy-wait (default 0: they sleep, leaving the cores "
+                             "to other work)")
+    parser.add_argument("--priority", choices=["normal", "medium", "high"],
+                        help=f"CPU priority of the whole process: nice 0, -5, -10 (default: {priority}; above normal "
+                             "needs root or CAP_SYS_NICE); high keeps decoding at full speed beside other busy work")
+    parser.set_defaults(priority_default=priority)
 
 
 def open_pipeline(args: argparse.Namespace):
     """The bundle opened with `pipeline_arguments`' options."""
-    from facellava.runtime.llm import thread_policy
+    from facellava.runtime.llm import set_priority, thread_policy
     from facellava.runtime.pipeline import Pipeline
 
-    thread_policy(args.threads, args.poll)  # checked before the bundle is opened
+    thread_policy(args.threads, args.threads_batch, args.poll)  # checked before the bundle is opened
+    try:  # before the vision and LLM thread pools start: they inherit it
+        set_priority(args.priority or args.priority_default)
+    except FaceLlavaError as error:
+        if args.priority is not None:
+            raise
+        print(f"facellava: warning: running at normal priority: {error}", file=sys.stderr)
     if args.n_ctx < 1:
         raise FaceLlavaError(f"n_ctx must be at least 1, got {args.n_ctx}")
     torch = {name: getattr(args, name) for name in ("checkpoint", "image_tower", "video_tower") if hasattr(args, name)}
     return Pipeline.open(args.bundle, vision=args.vision, llm=args.llm, n_gpu_layers=args.n_gpu_layers,
                          n_ctx=args.n_ctx, vision_precision=args.vision_precision, kv_type=args.kv_cache,
                          flash_attn={"auto": None, "on": True, "off": False}[args.flash_attn],
-                         n_threads=args.threads, poll=args.poll, **torch)
+                         n_threads=args.threads, n_threads_batch=args.threads_batch, poll=args.poll, **torch)
 
 
 def camera_frame(index: int):

@@ -15,6 +15,7 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import llama_cpp
 import numpy as np
@@ -87,13 +88,50 @@ KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "f32": llama_cpp.GGML_TYPE_F32}
 
 # --- llama.cpp's CPU thread pool ----------------------------------------------------------------------------
 
-# ggml's worker threads busy-wait ("poll", 0-100, ggml's default 50) between the operations of a graph. On cores
-# of their own that saves wake-ups; on cores shared with other work (a kiosk's camera, page and OS) a spinning
-# thread holds a core that the thread it waits for needs, and decoding collapses (benchmarks/decode_contention.py).
-# llama-cpp-python 0.3.36 does not bind the thread pool API, so it is bound here from ggml's own libraries.
+# The CPU thread policy, measured by benchmarks/decode_contention.py on a 7B-wide Q4_K_M (2 cores, each figure
+# against all cores / poll 50 / nice 0 alone; "busy": beside one busy process at normal priority):
+#   all cores, poll 50 (ggml's default)   decode alone 1.00, busy 0.37   prefill alone 1.00, busy 0.62
+#   all cores, poll 0                      decode alone 1.16, busy 0.44   prefill alone 1.15, busy 0.62
+#   one core fewer, poll 0                 decode alone 0.63, busy 0.61   prefill alone 0.47, busy 0.58
+#   all cores, poll 0, nice -5             decode alone 1.06, busy 0.80   prefill alone 1.03, busy 0.79
+#   all cores, poll 0, nice -10            decode alone 1.06, busy 0.97   prefill alone 1.12, busy 0.99
+# So: every usable core (fewer threads lose a third alone, and still lose to the busy process), worker threads that
+# sleep when idle (poll 0: no loss alone; a spinning thread holds a core another process needs), and, where the
+# answer matters more than the work beside it (a kiosk), a higher CPU priority (`set_priority`): the scheduler
+# then gives the model's threads the cores they wait for. llama-cpp-python 0.3.36 does not bind the thread pool
+# API, so it is bound here from ggml's own libraries.
 _GGML_MAX_N_THREADS = 512  # ggml.h
 GGML_DEFAULT_POLL = 50  # ggml_threadpool_params_default; llama.cpp's own pool then
-DEFAULT_POLL = GGML_DEFAULT_POLL  # chosen from benchmarks/decode_contention.py's measurements
+DEFAULT_POLL = 0
+# nice values of llama.cpp's --prio levels (common.cpp); raising the priority needs root or CAP_SYS_NICE
+PRIORITIES = {"normal": 0, "medium": -5, "high": -10}
+
+
+def default_decode_threads(cores: int) -> int:
+    """Decode threads on `cores` usable cores: all of them (see the measurements above)."""
+    return cores
+
+
+def set_priority(level: str) -> None:
+    """Give this process (every thread it has, and so every thread it starts) at least the CPU priority `level`
+    of `PRIORITIES` (a higher one it already has stays). Raises FaceLlavaError for an unknown level or when the
+    system does not allow it."""
+    if level not in PRIORITIES:
+        raise FaceLlavaError(f"unknown priority {level!r}; expected one of {', '.join(PRIORITIES)}")
+    nice = PRIORITIES[level]
+    try:
+        threads = [int(tid) for tid in os.listdir("/proc/self/task")]
+    except OSError:
+        threads = [0]
+    try:
+        for tid in threads:  # Linux keeps a nice value per thread; new threads inherit their creator's
+            if os.getpriority(os.PRIO_PROCESS, tid) > nice:  # a higher priority given by the system stays
+                os.setpriority(os.PRIO_PROCESS, tid, nice)
+    except ProcessLookupError:
+        pass  # a thread that ended meanwhile
+    except PermissionError:
+        raise FaceLlavaError(f"priority {level} (nice {nice}) needs root or CAP_SYS_NICE (systemd: "
+                             "AmbientCapabilities=CAP_SYS_NICE, or Nice= in the unit)") from None
 
 
 class _ThreadpoolParams(ctypes.Structure):
@@ -117,28 +155,45 @@ def _ggml_threadpool_api() -> tuple[ctypes.CDLL, ctypes.CDLL, ctypes.CDLL]:
     return base, cpu, llama
 
 
-def _attach_threadpool(context: llama_cpp.llama_context_p, n_threads: int, poll: int) -> ctypes.c_void_p:
-    """A thread pool of `n_threads` with polling level `poll`, attached to `context` for decode and batch
-    work; free it with `_free_threadpool` after the context. Raises FaceLlavaError when ggml cannot make it."""
-    base, cpu, llama = _ggml_threadpool_api()
-    params = base.ggml_threadpool_params_default(n_threads)
-    params.poll = poll
-    pool = cpu.ggml_threadpool_new(ctypes.byref(params))
-    if not pool:
-        raise FaceLlavaError(f"llama.cpp cannot start {n_threads} threads")
-    llama.llama_attach_threadpool(context, pool, pool)
-    return ctypes.c_void_p(pool)
+class ThreadPolicy(NamedTuple):
+    """llama.cpp's CPU threads: `threads` decode one token at a time, `threads_batch` prefill prompts and
+    visual blocks; `poll` (0-100) is how hard idle worker threads busy-wait."""
+    threads: int
+    threads_batch: int
+    poll: int
 
 
-def thread_policy(n_threads: int | None, poll: int | None) -> tuple[int, int]:
-    """(threads, poll) with the defaults filled in: the usable cores and `DEFAULT_POLL`. Raises FaceLlavaError
-    for a thread count below 1 or a polling level outside 0-100."""
-    if n_threads is not None and n_threads < 1:
-        raise FaceLlavaError(f"threads must be at least 1, got {n_threads}")
+def thread_policy(n_threads: int | None = None, n_threads_batch: int | None = None,
+                  poll: int | None = None) -> ThreadPolicy:
+    """The policy with the defaults filled in (`default_decode_threads`, the usable cores for prefill,
+    `DEFAULT_POLL`). Raises FaceLlavaError for a thread count below 1 or a polling level outside 0-100."""
+    for name, value in (("threads", n_threads), ("threads_batch", n_threads_batch)):
+        if value is not None and value < 1:
+            raise FaceLlavaError(f"{name} must be at least 1, got {value}")
     poll = DEFAULT_POLL if poll is None else poll
     if not 0 <= poll <= 100:
         raise FaceLlavaError(f"poll must be from 0 to 100, got {poll}")
-    return n_threads or usable_cores(), poll
+    cores = usable_cores()
+    return ThreadPolicy(n_threads or default_decode_threads(cores), n_threads_batch or cores, poll)
+
+
+def _attach_threadpools(context: llama_cpp.llama_context_p, policy: ThreadPolicy) -> tuple[ctypes.c_void_p, ...]:
+    """Thread pools with the policy's polling level attached to `context`, one for decode and one for batch work
+    (one shared when the counts are equal); free them with `_free_threadpool` after the context. Raises
+    FaceLlavaError when ggml cannot make them."""
+    base, cpu, llama = _ggml_threadpool_api()
+    pools: dict[int, int] = {}
+    for count in dict.fromkeys((policy.threads, policy.threads_batch)):
+        params = base.ggml_threadpool_params_default(count)
+        params.poll = policy.poll
+        pool = cpu.ggml_threadpool_new(ctypes.byref(params))
+        if not pool:
+            for made in pools.values():
+                cpu.ggml_threadpool_free(made)
+            raise FaceLlavaError(f"llama.cpp cannot start {count} threads")
+        pools[count] = pool
+    llama.llama_attach_threadpool(context, pools[policy.threads], pools[policy.threads_batch])
+    return tuple(ctypes.c_void_p(pool) for pool in pools.values())
 
 
 def _free_threadpool(pool: ctypes.c_void_p) -> None:
@@ -155,11 +210,12 @@ class LlamaModel:
     """
 
     def __init__(self, path: Path, model: llama_cpp.llama_model_p, context: llama_cpp.llama_context_p,
-                 n_batch: int, threadpool: ctypes.c_void_p | None = None):
+                 n_batch: int, threadpools: tuple[ctypes.c_void_p, ...], threads: ThreadPolicy):
         self.path = path
         self._model = model
         self._context = context
-        self._threadpool = threadpool
+        self._threadpools = threadpools
+        self.threads = threads
         self._vocab = llama_cpp.llama_model_get_vocab(model)
         self.n_ctx = llama_cpp.llama_n_ctx(context)
         self.n_batch = n_batch
@@ -176,18 +232,18 @@ class LlamaModel:
     @classmethod
     def open(cls, path: str | Path, n_ctx: int = 4096, n_gpu_layers: int = 0, n_batch: int = 512,
              n_threads: int | None = None, kv_type: str = "f16", flash_attn: bool | None = None,
-             poll: int | None = None, verbose: bool = False) -> LlamaModel:
+             poll: int | None = None, n_threads_batch: int | None = None, verbose: bool = False) -> LlamaModel:
         """Load a GGUF and create a context of `n_ctx` positions; `n_gpu_layers` layers go to the GPU (-1: all)
         when llama.cpp was built with one; `kv_type` is the KV cache's precision ("f16", llama.cpp's default,
         or "f32"); `flash_attn` True/False forces llama.cpp's flash attention on or off, None lets it choose
         (its CPU kernel works in half precision: about 1e-3..1e-2 relative logit error on long prompts);
-        `n_threads` defaults to the cores this process may use (llama.cpp's own default is a fixed 4, which
-        oversubscribes a 2-core machine and made decoding 10x slower there); `poll` (0-100) is how hard its
-        threads busy-wait between operations (None: `DEFAULT_POLL`, see the thread pool section above).
+        `n_threads` (decode), `n_threads_batch` (prefill) and `poll` (0-100, how hard idle threads busy-wait) are
+        the CPU thread policy, defaults from `thread_policy` (see the thread pool section above; llama.cpp's own
+        default of a fixed 4 threads oversubscribes a 2-core machine and made decoding 10x slower there).
         Raises FaceLlavaError when the file is missing or llama.cpp cannot load it."""
         if kv_type not in KV_TYPES:
             raise FaceLlavaError(f"unknown KV cache type {kv_type!r}; expected one of {', '.join(KV_TYPES)}")
-        n_threads, poll = thread_policy(n_threads, poll)
+        policy = thread_policy(n_threads, n_threads_batch, poll)
         path = Path(path)
         if not path.is_file():
             raise FaceLlavaError(f"GGUF file {path} does not exist")
@@ -211,7 +267,7 @@ class LlamaModel:
         context_params.flash_attn_type = {None: llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
                                           True: llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
                                           False: llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED}[flash_attn]
-        context_params.n_threads = context_params.n_threads_batch = n_threads
+        context_params.n_threads, context_params.n_threads_batch = policy.threads, policy.threads_batch
         with _holding_log() as held:
             context = llama_cpp.llama_init_from_model(model, context_params)
             if not context:
@@ -220,8 +276,8 @@ class LlamaModel:
                     held.clear()
                 raise FaceLlavaError(f"llama.cpp cannot create a {n_ctx}-token context for {path} ({recent_log()}); "
                                      "try a smaller context or fewer GPU layers")
-        threadpool = None if poll == GGML_DEFAULT_POLL else _attach_threadpool(context, n_threads, poll)
-        return cls(path, model, context, n_batch, threadpool)
+        pools = () if policy.poll == GGML_DEFAULT_POLL else _attach_threadpools(context, policy)
+        return cls(path, model, context, n_batch, pools, policy)
 
     @property
     def context(self) -> llama_cpp.llama_context_p:
@@ -385,9 +441,10 @@ class LlamaModel:
             llama_cpp.llama_batch_free(self._embd_batch)
             llama_cpp.llama_free(self._context)
             llama_cpp.llama_model_free(self._model)
-            if self._threadpool is not None:
-                _free_threadpool(self._threadpool)
-            self._context = self._model = self._threadpool = None
+            for pool in self._threadpools:
+                _free_threadpool(pool)
+            self._context = self._model = None
+            self._threadpools = ()
 
     def __enter__(self) -> LlamaModel:
         return self

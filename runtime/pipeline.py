@@ -137,16 +137,17 @@ class Pipeline:
     @classmethod
     def open(cls, bundle: str | Path, vision: str = "auto", llm: str | None = None, n_gpu_layers: int = 0,
              n_ctx: int = 4096, vision_precision: str = "fp32", kv_type: str = "f16", flash_attn: bool | None = None,
-             n_threads: int | None = None, poll: int | None = None, verbose: bool = False,
-             checkpoint: str | Path | None = None, image_tower: str | Path | None = None,
+             n_threads: int | None = None, n_threads_batch: int | None = None, poll: int | None = None,
+             verbose: bool = False, checkpoint: str | Path | None = None, image_tower: str | Path | None = None,
              video_tower: str | Path | None = None) -> Pipeline:
         """Open a bundle: verify its manifest and the files used, pick the vision backend (`auto`,
         `onnxruntime`, `tensorrt`, `torch`) and the GGUF type (`llm`; default: the most precise present), load the
         LLM with `n_gpu_layers` offloaded. `kv_type` "f32" and `flash_attn` False make llama.cpp's attention as
         exact as the export's parity measurement (llama.cpp's defaults, F16 cache and automatic flash attention,
-        are faster). `n_threads` and `poll` are llama.cpp's CPU thread policy (`LlamaModel.open`). `checkpoint`
-        (and optional tower directories) is the PyTorch checkpoint the bundle was exported from, for vision="torch"
-        only. Raises FaceLlavaError for a bundle that is missing, altered, or lacks what was asked for."""
+        are faster). `n_threads`, `n_threads_batch` and `poll` are llama.cpp's CPU thread policy
+        (`LlamaModel.open`). `checkpoint` (and optional tower directories) is the PyTorch checkpoint the bundle was
+        exported from, for vision="torch" only. Raises FaceLlavaError for a bundle that is missing, altered, or
+        lacks what was asked for."""
         from facellava.runtime.llm import LlamaModel
 
         opened = Bundle.open(bundle)
@@ -159,8 +160,8 @@ class Pipeline:
             raise FaceLlavaError(f"{opened.path} has no {llm} GGUF (it has: {', '.join(sorted(types))})")
         backend = open_vision(opened, vision, vision_precision, checkpoint, image_tower, video_tower)
         model = LlamaModel.open(opened.path_of(types[llm]), n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
-                                kv_type=kv_type, flash_attn=flash_attn, n_threads=n_threads, poll=poll,
-                                verbose=verbose)
+                                kv_type=kv_type, flash_attn=flash_attn, n_threads=n_threads,
+                                n_threads_batch=n_threads_batch, poll=poll, verbose=verbose)
         return cls(opened, backend, ChatSession(model))
 
     @property

@@ -34,7 +34,7 @@ def serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request, queue included")
     parser.add_argument("--max-tokens", type=int, default=256, help="default max_tokens of a request")
     parser.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask")
-    pipeline_arguments(parser)
+    pipeline_arguments(parser, priority="high")  # a kiosk's answer comes before the work beside it
 
 
 def _api_key(args: argparse.Namespace) -> str | None:
