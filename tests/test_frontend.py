@@ -92,10 +92,11 @@ def test_landmarks_are_68_points_in_their_anatomical_places(photo_face):
     points = photo_face.landmarks
     assert points.shape == (68, 2) and points.dtype == np.float32
     x, y = points[:, 0], points[:, 1]
-    # inside the crop (crop pixels / 256 lie in [0, 1]); the official crop is tight, and the chin may sit a
-    # few pixels below its bottom edge, so the jaw gets a margin of 8 pixels
+    # inside the crop (crop pixels / 256 lie in [0, 1]); the official crop is tight, and the chin sits below its
+    # bottom edge (dlib's 68-point predictor puts it at 260 on this crop; the corrected mapping at 265), so the
+    # jaw gets a margin of 12 pixels
     assert (points[17:] >= 0).all() and (points[17:] <= 1).all()
-    assert (points[:17] >= -8 / 256).all() and (points[:17] <= 1 + 8 / 256).all()
+    assert (points[:17] >= -12 / 256).all() and (points[:17] <= 1 + 12 / 256).all()
 
     def centre(first: int, stop: int) -> np.ndarray:
         return points[first:stop].mean(axis=0)
