@@ -38,6 +38,7 @@ from tqdm import tqdm
 from facellava.atomic import atomic_file, write_text_atomically
 from facellava.calibration.answers import TASK_PROMPTS
 from facellava.errors import FaceLlavaError
+from facellava.export import fidelity
 from facellava.runtime.assets import face_photo
 
 DEFAULT_QUESTION = TASK_PROMPTS["action_units"]
@@ -104,14 +105,6 @@ def percentiles(values: Sequence[float]) -> dict[str, float]:
     return {"p50": float(np.percentile(values, 50)), "p90": float(np.percentile(values, 90))}
 
 
-def token_cosine(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """(mean, min) over tokens of the cosine similarity between two [..., N, D] arrays."""
-    a = a.reshape(-1, a.shape[-1]).astype(np.float64)
-    b = b.reshape(-1, b.shape[-1]).astype(np.float64)
-    cos = (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-30)
-    return float(cos.mean()), float(cos.min())
-
-
 @dataclass
 class ImageReference:
     """PyTorch's answer to one bench image: its preprocessed input, visual tokens and greedy decode."""
@@ -149,25 +142,12 @@ def build_references(checkpoint: str | Path, media: Sequence[Any], question: str
 
 
 def llm_fidelity(llm: Any, reference: ImageReference, visual_tokens: np.ndarray) -> dict[str, float]:
-    """First-token KL, teacher-forced top-1 agreement and free-running greedy match length of one GGUF (given
-    the variant's visual tokens) against the PyTorch reference."""
-    from facellava.export.llm_parity import kl_divergence
-
+    """First-token KL, mean KL and top-1 agreement (teacher-forced) and the free-running greedy match length of
+    one GGUF (given the variant's visual tokens) against the PyTorch reference (`fidelity.teacher_forced`)."""
+    figures = fidelity.teacher_forced(llm, reference.input_ids, [visual_tokens], reference.tokens, reference.logits)
     llm.reset()
-    first = llm.eval_prompt(reference.input_ids, [visual_tokens])
-    prompt_end = llm.n_past
-    rest = llm.eval_tokens(reference.tokens[:-1], all_logits=True)
-    logits = np.vstack([first[None], rest])
-    kl = kl_divergence(reference.logits, logits)
-    agree = logits.argmax(-1) == np.asarray(reference.tokens)
-    llm.rewind(prompt_end)
-    tokens = [int(first.argmax())]
-    while len(tokens) < len(reference.tokens):
-        tokens.append(int(llm.eval_tokens(tokens[-1:]).argmax()))
-    match = next((i for i, (a, b) in enumerate(zip(tokens, reference.tokens, strict=True)) if a != b), len(tokens))
-    llm.reset()
-    return {"first_token_kl": float(kl[0]), "mean_kl": float(kl.mean()), "top1_agreement": float(agree.mean()),
-            "greedy_match_length": match}
+    return {"first_token_kl": float(figures["kl"][0]), "mean_kl": float(figures["kl"].mean()),
+            "top1_agreement": float(figures["top1"].mean()), "greedy_match_length": figures["greedy_match_length"]}
 
 
 def raw_llama_decode_rate(gguf_path: Path, prompt_positions: int, tokens: int, n_threads: int | None,
@@ -213,11 +193,11 @@ def bench_variant(bundle: Any, variant: Variant, image_paths: Sequence[Path], re
                              vision_precision=variant.vision_precision, **RUNTIME_SETTINGS)
     try:
         # fidelity, on the reference's own preprocessed input
-        cosines, fidelity = [], []
+        cosines, llm_figures = [], []
         for reference in references:
             tokens = pipeline.vision.encode("image", reference.pixel_values, reference.landmarks)[0]
-            cosines.append(token_cosine(tokens, reference.visual_tokens))
-            fidelity.append(llm_fidelity(pipeline.session.llm, reference, tokens))
+            cosines.append(fidelity.token_cosines(tokens, reference.visual_tokens))
+            llm_figures.append(llm_fidelity(pipeline.session.llm, reference, tokens))
         pipeline.session._prefix_cached = False  # the fidelity runs reset the cache the session relies on
         # latency: one warm-up answer, then every image `repeats` times
         pipeline.ask(question, image=image_paths[0], max_tokens=decode_tokens)
@@ -246,9 +226,9 @@ def bench_variant(bundle: Any, variant: Variant, image_paths: Sequence[Path], re
         "latency": {stage: percentiles(values) for stage, values in samples.items()},
         "answers": len(samples["total_ms"]), "prompt_positions": positions,
         "peak_rss_mb": peak / 1024 if peak_resettable else None, "rss_before_mb": gc_before / 1024,
-        "visual_token_cosine_mean": float(np.mean([c[0] for c in cosines])),
-        "visual_token_cosine_min": float(np.min([c[1] for c in cosines])),
-        **{key: float(np.mean([f[key] for f in fidelity])) for key in fidelity[0]},
+        "visual_token_cosine_mean": float(np.mean([c.mean() for c in cosines])),
+        "visual_token_cosine_min": float(np.min([c.min() for c in cosines])),
+        **{key: float(np.mean([f[key] for f in llm_figures])) for key in llm_figures[0]},
         "runtime_decode_tokens_per_s": runtime_rate, "raw_llama_decode_tokens_per_s": raw_rate,
         "decode_ratio_runtime_over_raw": runtime_rate / raw_rate if raw_rate else None,
         "raw_decode_steps": steps,

@@ -42,7 +42,7 @@ from tqdm import tqdm
 from facellava.bundle import Bundle, BundleWriter
 from facellava.calibration.dataset import CalibrationSet, build_calibration_set
 from facellava.errors import FaceLlavaError
-from facellava.export import parity
+from facellava.export import fidelity, parity
 
 if TYPE_CHECKING:
     import onnx
@@ -98,12 +98,10 @@ def _group_of(node: onnx.NodeProto) -> str:
 
 
 def held_out_figures(outputs: Sequence[np.ndarray], references: Sequence[np.ndarray]) -> dict[str, float]:
-    """The worst of `parity.compare`'s figures over the samples (each sample judged on its own), and the mean
+    """The worst of `fidelity.compare`'s figures over the samples (each sample compared on its own), and the mean
     cosine."""
-    each = [parity.compare(a, b) for a, b in zip(outputs, references, strict=True)]
-    return {"cosine": min(f["cosine"] for f in each), "mean_cosine": float(np.mean([f["cosine"] for f in each])),
-            "min_token_cosine": min(f["min_token_cosine"] for f in each),
-            "max_abs": max(f["max_abs"] for f in each), "rel_err": max(f["rel_err"] for f in each)}
+    each = [fidelity.compare(a, b) for a, b in zip(outputs, references, strict=True)]
+    return {**fidelity.worst(each), "mean_cosine": float(np.mean([f["cosine"] for f in each]))}
 
 
 # --- one graph ----------------------------------------------------------------------------------------------
@@ -119,7 +117,6 @@ class Int8Graph:
     fp32_nodes: list[str]
     quantized_nodes: int
     sensitivity: dict[str, float]
-    passed: bool
 
 
 class _Quantizer:
@@ -203,8 +200,8 @@ def quantize_graph(fp32_path: str | Path, out_path: str | Path, data: Calibratio
 
     `data` supplies the crops of `modality`, split into calibration and held-out rows (`held_out` fraction, `seed`);
     `keep_fp32` names groups (see `node_groups`) that stay FP32 whatever their damage. Returns the result; the
-    graph is written even when the target is missed with every group but one in FP32 (`passed` False), so the
-    caller decides. Raises FaceLlavaError for an unknown method or group, or too few samples.
+    graph is written even when the target is missed with every group but one in FP32, so the caller judges it
+    (`fidelity.judge` against `cosine_min`). Raises FaceLlavaError for an unknown method or group, or too few samples.
     """
     if method not in METHODS:
         raise FaceLlavaError(f"unknown calibration method {method!r}; choose from {', '.join(METHODS)}")
@@ -259,7 +256,7 @@ def quantize_graph(fp32_path: str | Path, out_path: str | Path, data: Calibratio
     fp32_nodes = excluded_nodes(excluded)
     quantized = sum(len(v) for v in groups.values()) - len(fp32_nodes)
     return Int8Graph(figures=figures, fp32_groups=excluded, fp32_nodes=fp32_nodes, quantized_nodes=quantized,
-                     sensitivity=sensitivity, passed=figures["cosine"] >= target_cosine)
+                     sensitivity=sensitivity)
 
 
 # --- the bundle ---------------------------------------------------------------------------------------------
@@ -328,9 +325,9 @@ def calibrate_vision(bundle: str | Path, data: str | Path | CalibrationSet, *, m
             records[name] = {
                 "reference": f"{fp32_name} in onnxruntime (FP32)",
                 "runtime": f"onnxruntime {_version('onnxruntime')} CPUExecutionProvider",
-                **result.figures, "thresholds": {"cosine": target_cosine}, "passed": result.passed,
-                "inputs": {"held_out": result.figures}, "calibration": calibration}
-            if not result.passed and not allow_drift:
+                **result.figures, "inputs": {"held_out": result.figures}, "calibration": calibration}
+            fidelity.judge(records[name], {"cosine_min": target_cosine})
+            if not records[name]["passed"] and not allow_drift:
                 raise FaceLlavaError(parity.describe_miss(name, records[name]).replace(
                     "rerun with", "even with every node group but one in FP32; lower --target-cosine, try another "
                     "--method, or rerun with"))

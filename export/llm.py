@@ -123,7 +123,7 @@ def _write_checked_files(bundle: BundleWriter, checkpoint_dir: Path, chosen: lis
     """Write every file in the transaction's staging, complete the PyTorch reference (streamed, the most exact
     conversion proposing its continuations), quantize, and measure; raise (nothing is committed) unless all are
     accepted."""
-    from facellava.export import llm_parity
+    from facellava.export import fidelity, llm_parity
     from facellava.export.gguf import OUTPUT_TYPES, convert_to_gguf
 
     quantized = [t for t in chosen if t in QUANT_TYPES]
@@ -156,7 +156,8 @@ def _write_checked_files(bundle: BundleWriter, checkpoint_dir: Path, chosen: lis
     for gguf_type in chosen:
         steps.set_postfix_str(f"parity {gguf_type}")
         figures = llm_parity.measure_gguf(paths[gguf_type], reference)
-        misses += [f"{gguf_type}: {miss}" for miss in llm_parity.judge(gguf_type, figures)]
+        limits = llm_parity.limits(gguf_type, figures["prompts"])
+        misses += [f"{gguf_type}: {miss}" for miss in fidelity.judge(figures, limits)]
         results[gguf_type] = (summaries[gguf_type], figures)
         steps.update()
     steps.close()

@@ -1,5 +1,5 @@
-"""How an exported vision graph is checked: the inputs it is fed, the figures it is judged by, the thresholds,
-and running it in ONNX Runtime.
+"""How an exported vision graph is checked: the inputs it is fed, its limits, and running it in ONNX Runtime
+(the figures and the judging are `export.fidelity`'s).
 
 Torch-free (numpy, onnxruntime, and Pillow for the photograph), because both the ONNX export (against PyTorch)
 and the engine build on a device (against ONNX Runtime, where torch is absent) use it. Every check runs on two
@@ -17,6 +17,7 @@ import numpy as np
 
 from facellava import contract
 from facellava.errors import FaceLlavaError
+from facellava.export import fidelity
 from facellava.runtime.assets import face_photo
 
 MODALITIES: tuple[contract.Modality, ...] = ("image", "video")
@@ -24,10 +25,10 @@ PRECISIONS = ("fp32", "fp16")  # what `export vision` writes
 # what `build-engine` builds: also the INT8 Q/DQ graphs of `calibrate vision`, held to their own target cosine
 ENGINE_PRECISIONS = (*PRECISIONS, "int8")
 OUTPUT_NAME = "visual_tokens"
-# DESIGN.md section 4: FP32 must reproduce the reference; FP16 must point the same way.
-THRESHOLDS: dict[str, dict[str, float]] = {
-    "fp32": {"rel_err": 1e-4},
-    "fp16": {"cosine": 0.999},
+# DESIGN.md section 4: FP32 must reproduce the reference; FP16 must point the same way (`fidelity.judge` limits).
+LIMITS: dict[str, dict[str, float]] = {
+    "fp32": {"rel_err_max": 1e-4},
+    "fp16": {"cosine_min": 0.999},
 }
 RANDOM_BATCH = 2  # not 1, so that every check also exercises the dynamic batch axis
 # A square around the face in the shipped photograph (x0, y0, x1, y1 in its 512x512 pixels), standing in for the
@@ -127,47 +128,18 @@ def parity_inputs(modality: contract.Modality, with_landmarks: bool, seed: int, 
             "face_photo": face_photo_inputs(modality, with_landmarks, photo)}
 
 
-def compare(actual: np.ndarray, reference: np.ndarray) -> dict[str, float]:
-    """Figures of `actual` against `reference` (same shape), in float64: cosine of the flattened tensors, the
-    lowest cosine of any single visual token (last axis), max-abs difference, and ||a - b|| / ||b||."""
-    if actual.shape != reference.shape:
-        raise ValueError(f"shape {actual.shape} differs from the reference's {reference.shape}")
-    a, b = actual.astype(np.float64), reference.astype(np.float64)
-    diff = a - b
-    tokens_a, tokens_b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
-    token_cosines = (tokens_a * tokens_b).sum(-1) / (
-        np.linalg.norm(tokens_a, axis=-1) * np.linalg.norm(tokens_b, axis=-1) + 1e-30)
-    return {
-        "cosine": float(a.ravel() @ b.ravel() / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30)),
-        "min_token_cosine": float(token_cosines.min()),
-        "max_abs": float(np.abs(diff).max()),
-        "rel_err": float(np.linalg.norm(diff) / (np.linalg.norm(b) + 1e-30)),
-    }
-
-
-def judge(per_input: Mapping[str, dict[str, float]], precision: str,
-          thresholds: Mapping[str, float] | None = None) -> dict[str, Any]:
-    """Combine the figures of each input set into one parity record: the worst of each figure, the threshold of
-    the precision (or the given `thresholds`), and whether it passed. NaN anywhere fails."""
-    worst = {
-        "cosine": min(f["cosine"] for f in per_input.values()),
-        "min_token_cosine": min(f["min_token_cosine"] for f in per_input.values()),
-        "max_abs": max(f["max_abs"] for f in per_input.values()),
-        "rel_err": max(f["rel_err"] for f in per_input.values()),
-    }
-    thresholds = dict(THRESHOLDS[precision] if thresholds is None else thresholds)
-    passed = all(math.isfinite(v) for v in worst.values())
-    if "rel_err" in thresholds:
-        passed = passed and worst["rel_err"] <= thresholds["rel_err"]
-    if "cosine" in thresholds:
-        passed = passed and worst["cosine"] >= thresholds["cosine"]
-    return {**worst, "thresholds": thresholds, "passed": bool(passed), "inputs": dict(per_input)}
+def parity_record(per_input: Mapping[str, dict[str, float]], limits: Mapping[str, float]) -> dict[str, Any]:
+    """One parity record from the `fidelity.compare` figures of each input set: the worst of each figure, the
+    figures of each set under "inputs", judged against `limits` ("limits" and "passed" set)."""
+    record = {**fidelity.worst(list(per_input.values())), "inputs": dict(per_input)}
+    fidelity.judge(record, limits)
+    return record
 
 
 def describe_miss(name: str, record: Mapping[str, Any]) -> str:
-    """One line naming a parity miss with its numbers, for the FaceLlavaError that fails the export."""
-    limits = ", ".join(f"{k} {'<=' if k == 'rel_err' else '>='} {v:g}" for k, v in record["thresholds"].items())
-    return (f"{name} misses its parity threshold ({limits}): cosine {record['cosine']:.6f}, "
+    """One line naming a vision parity miss with its numbers, for the FaceLlavaError that fails the export."""
+    return (f"{name} misses its parity threshold ({fidelity.describe_limits(record['limits'])}): "
+            f"cosine {record['cosine']:.6f}, "
             f"rel_err {record['rel_err']:.3g}, max_abs {record['max_abs']:.3g}; "
             "rerun with --allow-drift to keep it anyway")
 

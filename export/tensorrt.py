@@ -23,7 +23,7 @@ from tqdm import tqdm
 from facellava import contract
 from facellava.bundle import BundleWriter
 from facellava.errors import FaceLlavaError
-from facellava.export import parity
+from facellava.export import fidelity, parity
 from facellava.runtime.tensorrt_runner import GpuInfo, TensorRTRunner, gpu_info, import_tensorrt
 
 ENGINES_DIR = "engines"
@@ -90,11 +90,11 @@ def build_engine(onnx_path: Path, engine_path: Path, *, max_batch: int, opt_batc
             "workspace_bytes": workspace_bytes, "build_seconds": round(seconds, 3)}
 
 
-def _thresholds(entry: dict[str, Any]) -> dict[str, float] | None:
-    """An INT8 graph's own target cosine; None (the precision's thresholds) for the others."""
+def _limits(entry: dict[str, Any]) -> dict[str, float]:
+    """An INT8 graph's own target cosine; the precision's limits for the others."""
     if entry["precision"] != "int8":
-        return None
-    return {"cosine": float(entry.get("calibration", {}).get("target_cosine", 0.99))}
+        return parity.LIMITS[entry["precision"]]
+    return {"cosine_min": float(entry.get("calibration", {}).get("target_cosine", 0.99))}
 
 
 def build_engines(bundle: str | Path, *, modalities: str | Sequence[str] = parity.MODALITIES,
@@ -104,7 +104,7 @@ def build_engines(bundle: str | Path, *, modalities: str | Sequence[str] = parit
     """Build engines for the bundle's vision graphs of the given modalities and precisions, on GPU 0.
 
     Each engine is run on random inputs (batch up to 2) and the face photograph and compared with ONNX Runtime on
-    the FP32 graph of its variant (the graph itself when the bundle has no FP32 one), against the thresholds of
+    the FP32 graph of its variant (the graph itself when the bundle has no FP32 one), against the limits of
     its precision; a miss fails the build unless `allow_drift`. Engines of an earlier build for the same GPU and
     TensorRT version are replaced. Returns the manifest entries of the new engines. Raises FaceLlavaError for a
     bundle without vision graphs or whose files do not match their hashes, bad arguments, no TensorRT or GPU.
@@ -154,9 +154,9 @@ def _build_into(writer: BundleWriter, modalities: Sequence[str], precisions: Seq
         references = parity.run_onnx(writer.bundle.path_of(reference_name), inputs)
         with TensorRTRunner(engine_path) as runner:
             outputs = {key: runner.run(feed)["visual_tokens"] for key, feed in inputs.items()}
-        per_input = {key: parity.compare(outputs[key], references[key]) for key in inputs}
+        per_input = {key: fidelity.compare(outputs[key], references[key]) for key in inputs}
         records[rel] = {"reference": f"onnxruntime CPUExecutionProvider on {reference_name}", "seed": seed,
-                        **parity.judge(per_input, source["precision"], _thresholds(source))}
+                        **parity.parity_record(per_input, _limits(source))}
         entries[rel] = {
             "kind": "engine", "modality": source["modality"], "precision": source["precision"],
             "landmarks": source["landmarks"], "inputs": source["inputs"], "outputs": source["outputs"],

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from facellava import contract
 from facellava.bundle import BundleWriter
 from facellava.errors import FaceLlavaError
-from facellava.export import parity
+from facellava.export import fidelity, parity
 from facellava.model.modeling import FaceLlava, FaceLlavaConfig, TowerConfig
 
 MODALITIES, PRECISIONS, OUTPUT_NAME = parity.MODALITIES, parity.PRECISIONS, parity.OUTPUT_NAME
@@ -378,13 +378,14 @@ def export_vision_model(model: FaceLlava, writer: BundleWriter, *, variants: Seq
                 bar.set_postfix_str(f"{name}: parity")
                 start = time.perf_counter()
                 outputs = parity.run_onnx(staging / name, inputs)
-                per_input = {key: parity.compare(outputs[key], references[key]) for key in inputs}
+                per_input = {key: fidelity.compare(outputs[key], references[key]) for key in inputs}
                 seconds[name]["parity"] = time.perf_counter() - start
                 bar.update()
                 records[name] = {
                     "reference": f"FaceLlava.encode_{modality}",
                     "runtime": f"onnxruntime {_version('onnxruntime')} CPUExecutionProvider",
-                    "seed": seed, "random_batch": parity.RANDOM_BATCH, **parity.judge(per_input, precision)}
+                    "seed": seed, "random_batch": parity.RANDOM_BATCH,
+                    **parity.parity_record(per_input, parity.LIMITS[precision])}
                 inputs_shapes, output_shapes = graph.io_shapes()
                 entries[name] = {
                     "kind": "vision", "modality": modality, "precision": precision, "landmarks": with_landmarks,

@@ -19,7 +19,7 @@ from facellava import contract
 from facellava.bundle import BOOKKEEPING, BundleWriter
 from facellava.cli import main
 from facellava.errors import FaceLlavaError
-from facellava.export import parity, vision
+from facellava.export import fidelity, parity, vision
 from facellava.export.vision import MODALITIES, PRECISIONS, export_vision, vision_file_name, vision_only_model
 
 VARIANTS = [(m, lm, p) for m in MODALITIES for lm in (True, False) for p in PRECISIONS]
@@ -55,8 +55,8 @@ def _reference(model, modality: str, inputs: dict[str, np.ndarray]) -> np.ndarra
 
 def _meets_threshold(figures: dict[str, float], precision: str) -> bool:
     if precision == "fp32":
-        return figures["rel_err"] <= parity.THRESHOLDS["fp32"]["rel_err"]
-    return figures["cosine"] >= parity.THRESHOLDS["fp16"]["cosine"]
+        return figures["rel_err"] <= parity.LIMITS["fp32"]["rel_err_max"]
+    return figures["cosine"] >= parity.LIMITS["fp16"]["cosine_min"]
 
 
 # --- parity -------------------------------------------------------------------------------------------------
@@ -77,7 +77,7 @@ def test_ort_matches_pytorch_at_batch_1_and_3(vision_bundle, tiny_model, face_ph
         out = session.run(["visual_tokens"], feed)[0]
         reference = _reference(tiny_model, modality, feed)
         assert out.dtype == np.float32 and out.shape == reference.shape
-        figures = parity.compare(out, reference)
+        figures = fidelity.compare(out, reference)
         assert _meets_threshold(figures, precision), figures
         if precision == "fp16":  # really reduced precision, not an FP32 graph under another name
             assert figures["max_abs"] > 1e-5
@@ -91,7 +91,7 @@ def test_landmarks_change_the_tokens(vision_bundle, face_photo):
     feed = parity.face_photo_inputs("image", True, face_photo)
     moved = {**feed, "landmarks": feed["landmarks"] + np.float32(0.05)}
     a, b = (session.run(["visual_tokens"], f)[0] for f in (feed, moved))
-    assert parity.compare(a, b)["rel_err"] > 1e-3
+    assert fidelity.compare(a, b)["rel_err"] > 1e-3
 
 
 def test_fp16_graph_keeps_layernorm_and_softmax_in_fp32(vision_bundle):
@@ -204,7 +204,7 @@ def test_external_data_path(external_bundle, tiny_model):
         onnx.checker.check_model(str(external_bundle / name), full_check=True)
         session = onnxruntime.InferenceSession(str(external_bundle / name), providers=["CPUExecutionProvider"])
         feed = parity.random_inputs("image", False, 3, rng)
-        figures = parity.compare(session.run(["visual_tokens"], feed)[0], _reference(tiny_model, "image", feed))
+        figures = fidelity.compare(session.run(["visual_tokens"], feed)[0], _reference(tiny_model, "image", feed))
         assert _meets_threshold(figures, entry["precision"]), figures
 
 
@@ -239,7 +239,7 @@ def test_parity_miss_fails_and_leaves_the_bundle_as_it_was(external_bundle, tiny
     bundle = tmp_path / "bundle"
     shutil.copytree(external_bundle, bundle)
     before = {p.name: p.read_bytes() for p in bundle.iterdir()}
-    monkeypatch.setitem(parity.THRESHOLDS, "fp32", {"rel_err": 0.0})  # no export can reach exactly zero
+    monkeypatch.setitem(parity.LIMITS, "fp32", {"rel_err_max": 0.0})  # no export can reach exactly zero
     with pytest.raises(FaceLlavaError, match=r"vision_image_nolm\.onnx misses .*rel_err <= 0.*--allow-drift"):
         export_vision(tiny_checkpoint, bundle, modalities="image", precisions="fp32", landmarks=False,
                       progress=False)
@@ -394,7 +394,7 @@ def test_engines_match_onnxruntime_and_pytorch(vision_bundle, tiny_model, tmp_pa
             for batch in (1, 3):
                 feed = parity.random_inputs(entry["modality"], entry["landmarks"], batch, rng)
                 out = runner.run(feed)["visual_tokens"]
-                figures = parity.compare(out, _reference(tiny_model, entry["modality"], feed))
+                figures = fidelity.compare(out, _reference(tiny_model, entry["modality"], feed))
                 assert _meets_threshold(figures, entry["precision"]), (name, figures)
             with pytest.raises(FaceLlavaError, match="outside the engine's profile"):
                 runner.run(parity.random_inputs(entry["modality"], entry["landmarks"], 4, rng))
@@ -412,7 +412,7 @@ def test_cuda_execution_provider_parity(vision_bundle, tiny_model):
         session = onnxruntime.InferenceSession(str(bundle / vision_file_name("video", True, precision)),
                                                providers=execution_providers("cuda"))
         feed = parity.random_inputs("video", True, 3, rng)
-        figures = parity.compare(session.run(["visual_tokens"], feed)[0], _reference(tiny_model, "video", feed))
+        figures = fidelity.compare(session.run(["visual_tokens"], feed)[0], _reference(tiny_model, "video", feed))
         assert _meets_threshold(figures, precision), figures
 
 

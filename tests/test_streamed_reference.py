@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from facellava.calibration.imatrix import CalibrationPrompt, compute_imatrix, stream_imatrix
-from facellava.export import llm_parity
+from facellava.export import fidelity, llm_parity
 from facellava.model.loading import load_face_llava
 from facellava.model.streaming import LayerStream, StreamedPrompt, greedy_continuations, position_groups
 
@@ -75,7 +75,20 @@ def test_parity_figures_are_the_same(streamed_reference, whole_reference, f32_gg
     assert streamed["first_token_rel_error"] < 1e-5 and whole["first_token_rel_error"] < 1e-5
     assert abs(streamed["first_token_max_abs"] - whole["first_token_max_abs"]) < LOGIT_ATOL
     assert abs(streamed["mean_kl"] - whole["mean_kl"]) < 1e-7
-    assert llm_parity.judge("f32", streamed) == []
+    assert fidelity.judge(streamed, llm_parity.limits("f32", streamed["prompts"])) == []
+
+
+def test_parity_context_is_what_the_prompts_need(streamed_reference, f32_gguf: Path) -> None:
+    """llama.cpp's context for the parity measurement holds the longest prompt and its continuation, not 4096
+    positions (at 7B an F32 KV cache costs 0.5 MB per position)."""
+    need = max(llm_parity.prompt_positions(p) + len(p.tokens) for p in streamed_reference.prompts)
+    video = next(p for p in streamed_reference.prompts if p.modality == "video")
+    assert llm_parity.prompt_positions(video) == len(video.input_ids) - 8 + 8 * 257
+    assert 8 * 257 + llm_parity.DECODE_TOKENS < need < 2500
+    figures = llm_parity.measure_gguf(f32_gguf, streamed_reference)
+    # what was asked for, as llama.cpp pads it (to a multiple of 256)
+    assert need <= figures["llama_settings"]["n_ctx"] == -(-(need + llm_parity.CONTEXT_MARGIN) // 256) * 256 < 4096
+    assert figures["greedy_identical"] == 5  # the prompts and their continuations fit
 
 
 def test_a_wrong_proposal_is_corrected(vision_model, tiny_checkpoint: Path, f32_gguf: Path, whole_reference) -> None:
