@@ -252,7 +252,7 @@ def prompt_positions(prompt: ReferencePrompt) -> int:
 def measure_gguf(path: str | Path, reference: Reference, n_threads: int | None = None) -> dict[str, Any]:
     """Load one GGUF in llama.cpp and measure it against the PyTorch reference (`fidelity.teacher_forced` on each
     prompt). The context holds the longest prompt and its continuation, plus CONTEXT_MARGIN, and no more: at 7B
-    the F32 KV cache costs 0.5 MB per position. Returns the figures."""
+    the F32 KV cache costs 1 MiB per position (K and V, 32 layers x 4096 floats). Returns the figures."""
     need = max(prompt_positions(p) + len(p.tokens) for p in reference.prompts)
     rel_errors, max_abs, kls, agree, identical = [], [], [], [], 0
     with LlamaModel.open(path, n_ctx=need + CONTEXT_MARGIN, n_threads=n_threads, **LLAMA_SETTINGS) as llm:

@@ -80,7 +80,7 @@ def test_parity_figures_are_the_same(streamed_reference, whole_reference, f32_gg
 
 def test_parity_context_is_what_the_prompts_need(streamed_reference, f32_gguf: Path) -> None:
     """llama.cpp's context for the parity measurement holds the longest prompt and its continuation, not 4096
-    positions (at 7B an F32 KV cache costs 0.5 MB per position)."""
+    positions (at 7B an F32 KV cache costs 1 MiB per position)."""
     need = max(llm_parity.prompt_positions(p) + len(p.tokens) for p in streamed_reference.prompts)
     video = next(p for p in streamed_reference.prompts if p.modality == "video")
     assert llm_parity.prompt_positions(video) == len(video.input_ids) - 8 + 8 * 257
