@@ -57,8 +57,8 @@ def pipeline_arguments(parser: argparse.ArgumentParser, torch: bool = False, pri
     parser.add_argument("--kv-cache", choices=["f16", "f32"], default="f16", help="llama.cpp's KV cache type")
     parser.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto",
                         help="llama.cpp's flash attention (off + --kv-cache f32: as exact as the export's parity)")
-    parser.add_argument("--threads", type=int, help="llama.cpp's CPU threads for decoding (default: the runtime's "
-                                                     "thread policy)")
+    parser.add_argument("--threads", type=int, help="llama.cpp's CPU threads for decoding (default: the usable "
+                                                     "cores)")
     parser.add_argument("--threads-batch", type=int, help="llama.cpp's CPU threads for prefill (default: the usable "
                                                            "cores)")
     parser.add_argument("--poll", type=int, metavar="0-100",
@@ -76,14 +76,14 @@ def open_pipeline(args: argparse.Namespace):
     from facellava.runtime.pipeline import Pipeline
 
     thread_policy(args.threads, args.threads_batch, args.poll)  # checked before the bundle is opened
+    if args.n_ctx < 1:
+        raise FaceLlavaError(f"n_ctx must be at least 1, got {args.n_ctx}")
     try:  # before the vision and LLM thread pools start: they inherit it
         set_priority(args.priority or args.priority_default)
     except FaceLlavaError as error:
         if args.priority is not None:
             raise
         print(f"facellava: warning: running at normal priority: {error}", file=sys.stderr)
-    if args.n_ctx < 1:
-        raise FaceLlavaError(f"n_ctx must be at least 1, got {args.n_ctx}")
     torch = {name: getattr(args, name) for name in ("checkpoint", "image_tower", "video_tower") if hasattr(args, name)}
     return Pipeline.open(args.bundle, vision=args.vision, llm=args.llm, n_gpu_layers=args.n_gpu_layers,
                          n_ctx=args.n_ctx, vision_precision=args.vision_precision, kv_type=args.kv_cache,
