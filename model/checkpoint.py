@@ -162,6 +162,17 @@ class CheckpointWeights:
         except Exception as error:
             raise FaceLlavaError(f"cannot read tensor {key} from {path}: {str(error).splitlines()[0]}") from None
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        """One tensor's shape, from its shard's header: no tensor data is read. Raises FaceLlavaError as `get`."""
+        path = self.weight_map[key]
+        shard = self._shard(path)
+        try:
+            if path.suffix == ".safetensors":
+                return tuple(shard.get_slice(key).get_shape())
+            return tuple(shard[key].shape)
+        except Exception as error:
+            raise FaceLlavaError(f"cannot read tensor {key} from {path}: {str(error).splitlines()[0]}") from None
+
     def release(self, key: str) -> None:
         """Close the shard that holds `key` (it reopens on the next read). A memory-mapped shard keeps every page
         read from it resident until closed; releasing after each tensor bounds memory by one tensor, however

@@ -371,7 +371,7 @@ def _name_keys(keys: list[str], limit: int = 6) -> str:
 
 def load_face_llava(checkpoint_dir: str | Path, image_tower: str | Path | None = None,
                     video_tower: str | Path | None = None, dtype: torch.dtype = torch.float32,
-                    branch_scale: float | None = None, llm: bool = True) -> FaceLlava:
+                    branch_scale: float | None = None, llm: bool = True, check_llm: bool = False) -> FaceLlava:
     """Build a FaceLlava from a checkpoint in the official layout.
 
     Takes the checkpoint directory, optional LanguageBind tower directories (otherwise `mm_image_tower` /
@@ -380,8 +380,9 @@ def load_face_llava(checkpoint_dir: str | Path, image_tower: str | Path | None =
     strict: a missing, unexpected or wrongly shaped tensor is a FaceLlavaError that names it. Tensors are read
     lazily, shard by shard, straight into the model. With llm=False the LLaMA tensors are neither read nor
     allocated (the decoder stays on the meta device): enough for `encode_image` / `encode_video` and the vision
-    export, at a fraction of the memory. Returns the model in eval mode, with `tokenizer` set when the checkpoint
-    has a `tokenizer.model`.
+    export, at a fraction of the memory; `check_llm` then still checks that every LLaMA tensor is there with
+    the shape config.json gives, from the shards' headers (what `inspect` needs at 7B). Returns the model in eval
+    mode, with `tokenizer` set when the checkpoint has a `tokenizer.model`.
     """
     directory = checkpoint_directory(checkpoint_dir)
     config = read_config(directory)
@@ -399,7 +400,7 @@ def load_face_llava(checkpoint_dir: str | Path, image_tower: str | Path | None =
     model.tower_sources = {kind: str(search.directory or f"{TOWER_PREFIXES[kind]}* in {directory}")
                            for kind, (tower, search) in found.items() if tower is not None}
     expected = {name: tensor.shape for name, tensor in model.state_dict().items()
-                if llm or not name.startswith("llm.")}
+                if llm or check_llm or not name.startswith("llm.")}
 
     sources: dict[str, tuple[CheckpointWeights, str]] = {}
     unexpected: list[str] = []
@@ -407,7 +408,7 @@ def load_face_llava(checkpoint_dir: str | Path, image_tower: str | Path | None =
         if IGNORED_KEYS.match(key) or any(key.startswith(p) for p in TOWER_PREFIXES.values()):
             continue
         name = module_key(key)
-        if not llm and is_llm_key(key):
+        if not llm and not check_llm and is_llm_key(key):
             continue
         if name is None or name not in expected:
             unexpected.append(key)
@@ -432,11 +433,16 @@ def load_face_llava(checkpoint_dir: str | Path, image_tower: str | Path | None =
 
     state = {}
     for name, (source, key) in sources.items():
-        tensor = source.get(key)
-        if tensor.shape != expected[name]:
-            raise FaceLlavaError(f"tensor {key} has shape {tuple(tensor.shape)}, expected {tuple(expected[name])} "
+        if not llm and name.startswith("llm."):  # check_llm: the shape only, no data read
+            shape = source.shape(key)
+        else:
+            tensor = source.get(key)
+            shape = tuple(tensor.shape)
+        if shape != tuple(expected[name]):
+            raise FaceLlavaError(f"tensor {key} has shape {shape}, expected {tuple(expected[name])} "
                                  "from config.json")
-        state[name] = tensor.to(dtype)
+        if llm or not name.startswith("llm."):
+            state[name] = tensor.to(dtype)
     model.load_state_dict(state, strict=llm, assign=True)
     if llm:
         _rebuild_rotary_embedding(model)

@@ -233,3 +233,22 @@ def test_inconsistent_configs_are_one_line(checkpoint_copy, field, value, messag
     config[field] = value
     (checkpoint_copy / "config.json").write_text(json.dumps(config))
     assert_one_line_error(run_cli("inspect", checkpoint_copy), message)
+
+
+def test_checking_the_llm_reads_no_llm_tensor(checkpoint_copy, tiny_model):
+    """inspect's load: the LLM's tensors are checked from the shard headers and stay on the meta device (a 7B LLM
+    in float32 is 27 GB), the vision half is loaded as usual, and the counts are those of the whole model."""
+    from facellava.model.loading import load_face_llava
+
+    model = load_face_llava(checkpoint_copy, llm=False, check_llm=True)
+    assert all(p.is_meta for p in model.llm.parameters())
+    assert not any(p.is_meta for name, p in model.named_parameters() if not name.startswith("llm."))
+    assert sum(p.numel() for p in model.llm.parameters()) == sum(p.numel() for p in tiny_model.llm.parameters())
+    torch.testing.assert_close(model.mm_projector[0].weight, tiny_model.mm_projector[0].weight)
+
+    config = json.loads((checkpoint_copy / "config.json").read_text())
+    config["intermediate_size"] = 768
+    (checkpoint_copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(FaceLlavaError, match=r"has shape \(512, 256\), expected \(768, 256\)"):
+        load_face_llava(checkpoint_copy, llm=False, check_llm=True)
+    load_face_llava(checkpoint_copy, llm=False)  # without the check the LLM is not looked at
