@@ -234,6 +234,7 @@ def llama_cpp_speed(gguf: str, positions: int, tokens: int) -> dict:
     import llama_cpp
     import numpy as np
 
+    from facellava.calibration.bench import llama_last_logits
     from facellava.runtime.llm import usable_cores
 
     threads = usable_cores()
@@ -243,16 +244,13 @@ def llama_cpp_speed(gguf: str, positions: int, tokens: int) -> dict:
         vocab = llm.n_vocab()
         prompt = [llm.token_bos()] + [3 + (i * 7919) % (vocab - 3) for i in range(positions - 1)]
 
-        def last_logits() -> np.ndarray:  # Llama.scores is only written with logits_all (which costs lm_head rows)
-            return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))
-
         start = time.perf_counter()
         llm.eval(prompt)
-        token = int(np.argmax(last_logits()))
+        token = int(np.argmax(llama_last_logits(llm)))
         first = time.perf_counter()
         for _ in range(tokens - 1):
             llm.eval([token])
-            token = int(np.argmax(last_logits()))
+            token = int(np.argmax(llama_last_logits(llm)))
         end = time.perf_counter()
     finally:
         llm.close()

@@ -32,6 +32,7 @@ def main() -> None:
 
     import llama_cpp
 
+    from facellava.calibration.bench import llama_last_logits
     from facellava.demo import demo_bundle
     from facellava.runtime.assets import face_photo
     from facellava.runtime.pipeline import Pipeline
@@ -69,11 +70,11 @@ def main() -> None:
         raw.reset()
         start = time.perf_counter()
         raw.eval(prompt)
-        token = int(np.argmax(raw.scores[raw.n_tokens - 1]))
+        token = int(np.argmax(llama_last_logits(raw)))
         first = time.perf_counter()
         for _ in range(n_tokens - 1):
             raw.eval([token])
-            token = int(np.argmax(raw.scores[raw.n_tokens - 1]))
+            token = int(np.argmax(llama_last_logits(raw)))
         return (first - start) * 1000, (n_tokens - 1) / (time.perf_counter() - first)
 
     def runtime() -> tuple[float, float]:

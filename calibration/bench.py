@@ -150,6 +150,14 @@ def llm_fidelity(llm: Any, reference: ImageReference, visual_tokens: np.ndarray)
             "top1_agreement": float(figures["top1"].mean()), "greedy_match_length": figures["greedy_match_length"]}
 
 
+def llama_last_logits(llm: Any) -> np.ndarray:
+    """The last evaluated position's logits of a plain `llama_cpp.Llama` (its `scores` are only written when it
+    keeps every position's logits, which costs lm_head rows; without that they stay zero)."""
+    import llama_cpp
+
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+
+
 def raw_llama_decode_rate(gguf_path: Path, prompt_positions: int, tokens: int, n_threads: int | None,
                           runs: int = 3) -> float:
     """Greedy decode tokens/s of plain `llama_cpp.Llama` on the GGUF after a text prompt of `prompt_positions`
@@ -163,7 +171,7 @@ def raw_llama_decode_rate(gguf_path: Path, prompt_positions: int, tokens: int, n
         vocab = llm.n_vocab()
         prompt = [llm.token_bos()] + [3 + (i * 7919) % (vocab - 3) for i in range(prompt_positions - 1)]
         llm.eval(prompt)
-        first = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        first = int(np.argmax(llama_last_logits(llm)))
         rates = []
         for _ in range(runs):
             llm.n_tokens = len(prompt)  # Llama.eval drops the cache beyond n_tokens: decode again from the prompt
@@ -171,7 +179,7 @@ def raw_llama_decode_rate(gguf_path: Path, prompt_positions: int, tokens: int, n
             start = time.perf_counter()
             for _ in range(tokens - 1):
                 llm.eval([token])
-                token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+                token = int(np.argmax(llama_last_logits(llm)))
             rates.append((tokens - 1) / (time.perf_counter() - start))
         return float(np.median(rates))
     finally:
