@@ -70,6 +70,23 @@ def pipeline(tiny_bundle: Path):
     opened.close()
 
 
+@pytest.fixture(scope="module")
+def front_end():
+    """The face front end (MediaPipe graphs), one per test module."""
+    from facellava.runtime.face import FaceFrontEnd
+
+    with FaceFrontEnd() as opened:
+        yield opened
+
+
+@pytest.fixture(scope="module")
+def photo(face_photo: Path):
+    """The shipped photograph as RGB uint8."""
+    from facellava.runtime.face import load_image
+
+    return load_image(face_photo)
+
+
 def write_video(path: Path, frames: int, photo: Path = FACE_PHOTO) -> Path:
     """A small mp4 of the face photograph drifting a few pixels per frame."""
     import cv2

@@ -24,12 +24,6 @@ from facellava.runtime.vision import open_vision
 
 
 @pytest.fixture(scope="module")
-def front_end():
-    with face.FaceFrontEnd() as graphs:
-        yield graphs
-
-
-@pytest.fixture(scope="module")
 def face_folder(tmp_path_factory: pytest.TempPathFactory, face_photo: Path) -> Path:
     """The photograph, five augmented copies, two videos, and three files that cannot be used."""
     folder = tmp_path_factory.mktemp("faces")

@@ -5,24 +5,8 @@ rates per size over more scenes."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
 import pytest
 from composites import compose, tight_chip
-
-from facellava.runtime.face import FaceFrontEnd, load_image
-
-
-@pytest.fixture(scope="module")
-def front_end():
-    with FaceFrontEnd() as front_end:
-        yield front_end
-
-
-@pytest.fixture(scope="module")
-def photo(face_photo: Path) -> np.ndarray:
-    return load_image(face_photo)
 
 
 def found(boxes, faces) -> list[bool]:

@@ -17,12 +17,6 @@ from facellava.runtime.medium import prepare_medium
 from facellava.runtime.preprocess import preprocess_image
 
 
-@pytest.fixture(scope="module")
-def front_end():
-    with face.FaceFrontEnd() as front_end:
-        yield front_end
-
-
 def test_a_file_and_its_array_give_the_same_medium(front_end, face_photo: Path):
     from_file = prepare_medium(front_end, image=face_photo)
     from_array = prepare_medium(front_end, image=face.load_image(face_photo))

@@ -5,8 +5,6 @@ MediaPipe's real models, nothing mocked."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import cv2
 import numpy as np
 import pytest
@@ -16,23 +14,11 @@ torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 
 from facellava.contract import CLIP_MEAN, CLIP_STD, IMAGE_SIZE  # noqa: E402
-from facellava.runtime.face import FaceFrontEnd, load_image  # noqa: E402
 from facellava.runtime.preprocess import SQUARE_FILL, expand2square, preprocess_image  # noqa: E402
 
 MEAN = torch.tensor(CLIP_MEAN).view(3, 1, 1)
 STD = torch.tensor(CLIP_STD).view(3, 1, 1)
 TOLERANCE = 1e-4  # as tests/test_preprocess.py: float32 rounding is ~4e-6, another kernel costs 1e-2 or more
-
-
-@pytest.fixture(scope="module")
-def front_end():
-    with FaceFrontEnd() as front_end:
-        yield front_end
-
-
-@pytest.fixture(scope="module")
-def photo(face_photo: Path) -> np.ndarray:
-    return load_image(face_photo)
 
 
 def official_expand2square(image: np.ndarray) -> Image.Image:

@@ -14,7 +14,7 @@ import pytest
 from mediapipe.tasks.python import BaseOptions, vision
 
 from facellava.errors import FaceLlavaError
-from facellava.runtime.face import FaceBox, FaceFrontEnd, load_image, official_crop
+from facellava.runtime.face import FaceBox, load_image, official_crop
 
 SHORT_RANGE = Path(mp.__file__).parent / "modules" / "face_detection" / "face_detection_short_range.tflite"
 
@@ -31,17 +31,6 @@ BORDERS = {
     "bottom-left": (slice(None, 165), slice(180, None)),
     "top-right": (slice(90, None), slice(None, 265)),
 }
-
-
-@pytest.fixture(scope="module")
-def front_end():
-    with FaceFrontEnd() as front_end:
-        yield front_end
-
-
-@pytest.fixture(scope="module")
-def photo(face_photo: Path) -> np.ndarray:
-    return load_image(face_photo)
 
 
 @pytest.fixture(scope="module")
