@@ -107,11 +107,6 @@ DEFAULT_POLL = 0
 PRIORITIES = {"normal": 0, "medium": -5, "high": -10}
 
 
-def default_decode_threads(cores: int) -> int:
-    """Decode threads on `cores` usable cores: all of them (see the measurements above)."""
-    return cores
-
-
 def set_priority(level: str) -> None:
     """Give this process (every thread it has, and so every thread it starts) at least the CPU priority `level`
     of `PRIORITIES` (a higher one it already has stays). Raises FaceLlavaError for an unknown level or when the
@@ -123,15 +118,15 @@ def set_priority(level: str) -> None:
         threads = [int(tid) for tid in os.listdir("/proc/self/task")]
     except OSError:
         threads = [0]
-    try:
-        for tid in threads:  # Linux keeps a nice value per thread; new threads inherit their creator's
+    for tid in threads:  # Linux keeps a nice value per thread; new threads inherit their creator's
+        try:
             if os.getpriority(os.PRIO_PROCESS, tid) > nice:  # a higher priority given by the system stays
                 os.setpriority(os.PRIO_PROCESS, tid, nice)
-    except ProcessLookupError:
-        pass  # a thread that ended meanwhile
-    except PermissionError:
-        raise FaceLlavaError(f"priority {level} (nice {nice}) needs root or CAP_SYS_NICE (systemd: "
-                             "AmbientCapabilities=CAP_SYS_NICE, or Nice= in the unit)") from None
+        except ProcessLookupError:
+            continue  # a thread that ended meanwhile
+        except PermissionError:
+            raise FaceLlavaError(f"priority {level} (nice {nice}) needs root or CAP_SYS_NICE (systemd: "
+                                 "AmbientCapabilities=CAP_SYS_NICE, or Nice= in the unit)") from None
 
 
 class _ThreadpoolParams(ctypes.Structure):
@@ -165,8 +160,8 @@ class ThreadPolicy(NamedTuple):
 
 def thread_policy(n_threads: int | None = None, n_threads_batch: int | None = None,
                   poll: int | None = None) -> ThreadPolicy:
-    """The policy with the defaults filled in (`default_decode_threads`, the usable cores for prefill,
-    `DEFAULT_POLL`). Raises FaceLlavaError for a thread count below 1 or a polling level outside 0-100."""
+    """The policy with the defaults filled in (every usable core for decode and prefill, `DEFAULT_POLL`). Raises
+    FaceLlavaError for a thread count below 1 or a polling level outside 0-100."""
     for name, value in (("threads", n_threads), ("threads_batch", n_threads_batch)):
         if value is not None and value < 1:
             raise FaceLlavaError(f"{name} must be at least 1, got {value}")
@@ -174,7 +169,7 @@ def thread_policy(n_threads: int | None = None, n_threads_batch: int | None = No
     if not 0 <= poll <= 100:
         raise FaceLlavaError(f"poll must be from 0 to 100, got {poll}")
     cores = usable_cores()
-    return ThreadPolicy(n_threads or default_decode_threads(cores), n_threads_batch or cores, poll)
+    return ThreadPolicy(n_threads or cores, n_threads_batch or cores, poll)
 
 
 def _attach_threadpools(context: llama_cpp.llama_context_p, policy: ThreadPolicy) -> tuple[ctypes.c_void_p, ...]:
@@ -276,7 +271,12 @@ class LlamaModel:
                     held.clear()
                 raise FaceLlavaError(f"llama.cpp cannot create a {n_ctx}-token context for {path} ({recent_log()}); "
                                      "try a smaller context or fewer GPU layers")
-        pools = () if policy.poll == GGML_DEFAULT_POLL else _attach_threadpools(context, policy)
+        try:
+            pools = () if policy.poll == GGML_DEFAULT_POLL else _attach_threadpools(context, policy)
+        except FaceLlavaError:
+            llama_cpp.llama_free(context)
+            llama_cpp.llama_model_free(model)
+            raise
         return cls(path, model, context, n_batch, pools, policy)
 
     @property
