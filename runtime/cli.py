@@ -64,6 +64,9 @@ def pipeline_arguments(parser: argparse.ArgumentParser, torch: bool = False, pri
     parser.add_argument("--poll", type=int, metavar="0-100",
                         help="how hard llama.cpp's idle threads busy-wait (default 0: they sleep, leaving the cores "
                              "to other work)")
+    parser.add_argument("--min-face", type=int, metavar="PX",
+                        help="the smallest face searched for, in pixels (default 20); a larger value searches fewer "
+                             "tiles of the image and is faster")
     parser.add_argument("--priority", choices=["normal", "medium", "high"],
                         help=f"CPU priority of the whole process: nice 0, -5, -10 (default: {priority}; above normal "
                              "needs root or CAP_SYS_NICE); high keeps decoding at full speed beside other busy work")
@@ -88,7 +91,8 @@ def open_pipeline(args: argparse.Namespace):
     return Pipeline.open(args.bundle, vision=args.vision, llm=args.llm, n_gpu_layers=args.n_gpu_layers,
                          n_ctx=args.n_ctx, vision_precision=args.vision_precision, kv_type=args.kv_cache,
                          flash_attn={"auto": None, "on": True, "off": False}[args.flash_attn],
-                         n_threads=args.threads, n_threads_batch=args.threads_batch, poll=args.poll, **torch)
+                         n_threads=args.threads, n_threads_batch=args.threads_batch, poll=args.poll,
+                         **({} if args.min_face is None else {"min_face": args.min_face}), **torch)
 
 
 def camera_frame(index: int):

@@ -126,10 +126,12 @@ def medium_key(prepared: PreparedInput) -> str:
 class Pipeline:
     """A bundle opened for answering: the vision backend, the LLM session and the face front end."""
 
-    def __init__(self, bundle: Bundle, vision: VisionBackend, session: ChatSession):
+    def __init__(self, bundle: Bundle, vision: VisionBackend, session: ChatSession,
+                 min_face: int = face.MIN_FACE_SIDE):
         self.bundle = bundle
         self.vision = vision
         self.session = session
+        self.min_face = min_face
         self._front_end: face.FaceFrontEnd | None = None
         # (source key, its prepared input, its medium key) of the last ask: reused while that medium is cached
         self._last_prepared: tuple[str, PreparedInput, str] | None = None
@@ -139,17 +141,20 @@ class Pipeline:
              n_ctx: int = 4096, vision_precision: str = "fp32", kv_type: str = "f16", flash_attn: bool | None = None,
              n_threads: int | None = None, n_threads_batch: int | None = None, poll: int | None = None,
              verbose: bool = False, checkpoint: str | Path | None = None, image_tower: str | Path | None = None,
-             video_tower: str | Path | None = None) -> Pipeline:
+             video_tower: str | Path | None = None, min_face: int = face.MIN_FACE_SIDE) -> Pipeline:
         """Open a bundle: verify its manifest and the files used, pick the vision backend (`auto`,
         `onnxruntime`, `tensorrt`, `torch`) and the GGUF type (`llm`; default: the most precise present), load the
         LLM with `n_gpu_layers` offloaded. `kv_type` "f32" and `flash_attn` False make llama.cpp's attention as
         exact as the export's parity measurement (llama.cpp's defaults, F16 cache and automatic flash attention,
         are faster). `n_threads`, `n_threads_batch` and `poll` are llama.cpp's CPU thread policy
         (`LlamaModel.open`). `checkpoint` (and optional tower directories) is the PyTorch checkpoint the bundle was
-        exported from, for vision="torch" only. Raises FaceLlavaError for a bundle that is missing, altered, or
-        lacks what was asked for."""
+        exported from, for vision="torch" only. `min_face` is the smallest face the front end searches for, in
+        pixels (searching down to 20 costs tiles of the image; a larger value is faster). Raises
+        FaceLlavaError for a bundle that is missing, altered, or lacks what was asked for."""
         from facellava.runtime.llm import LlamaModel
 
+        if min_face < 1:
+            raise FaceLlavaError(f"min_face must be at least 1 pixel, got {min_face}")
         opened = Bundle.open(bundle)
         types = {opened.files[name].get("type"): name for name in opened.find("llm")}
         if not types:
@@ -162,12 +167,12 @@ class Pipeline:
         model = LlamaModel.open(opened.path_of(types[llm]), n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
                                 kv_type=kv_type, flash_attn=flash_attn, n_threads=n_threads,
                                 n_threads_batch=n_threads_batch, poll=poll, verbose=verbose)
-        return cls(opened, backend, ChatSession(model))
+        return cls(opened, backend, ChatSession(model), min_face)
 
     @property
     def front_end(self) -> face.FaceFrontEnd:
         if self._front_end is None:
-            self._front_end = face.FaceFrontEnd()
+            self._front_end = face.FaceFrontEnd(min_face_side=self.min_face)
         return self._front_end
 
     def prepare(self, image: str | Path | np.ndarray | None = None, video: str | Path | None = None,

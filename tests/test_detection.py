@@ -8,6 +8,9 @@ from __future__ import annotations
 import pytest
 from composites import compose, tight_chip
 
+from facellava.runtime.face import FaceFrontEnd
+from facellava.runtime.pipeline import Pipeline
+
 
 def found(boxes, faces) -> list[bool]:
     return [any(face.matches(b.x, b.y, b.width, b.height) for b in boxes) for face in faces]
@@ -30,6 +33,23 @@ def test_faces_from_24_to_400_pixels_in_one_image_are_all_found_ordered_and_pick
     # --face-index picks each, counted left to right
     for index, box in enumerate(boxes):
         assert front_end.process_image(image, face_index=index, landmarks=False).box == box
+
+
+def test_the_smallest_face_searched_for_is_a_setting(front_end, photo, tiny_bundle):
+    # tiles look for faces down to the setting only: a 24 px face is found by default and missed at 100 (larger
+    # faces are found either way, by the looks at the whole image)
+    image, faces = compose(photo, [200, 60, 24], 720, 960, seed=3)
+    assert found(front_end.detect(image), faces) == [True, True, True]
+    with FaceFrontEnd(min_face_side=100) as large_only:
+        hits = found(large_only.detect(image), faces)
+        assert hits[0] and not hits[2]
+    pipeline = Pipeline.open(tiny_bundle, vision="onnxruntime", min_face=100)
+    try:
+        assert pipeline.front_end.min_face_side == 100
+        hits = found(pipeline.front_end.detect(image), faces)
+        assert hits[0] and not hits[2]
+    finally:
+        pipeline.close()
 
 
 def test_faces_down_to_20_pixels_are_found(front_end, photo):

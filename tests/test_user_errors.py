@@ -149,7 +149,7 @@ def test_extreme_but_valid_sampling_values_answer(pipeline, face_photo):
     ("--top-p", "nan", "top_p"), ("--top-k", "-1", "top_k"), ("--seed", "-1", "seed"),
     ("--seed", str(SEED_MAX + 1), "seed"), ("--max-tokens", "0", "max_tokens"),
     ("--threads", "0", "threads"), ("--threads-batch", "0", "threads_batch"), ("--poll", "101", "poll"),
-    ("--poll", "-1", "poll"), ("--n-ctx", "0", "n_ctx"),
+    ("--poll", "-1", "poll"), ("--n-ctx", "0", "n_ctx"), ("--min-face", "0", "min_face"),
 ])
 def test_cli_refuses_sampling_values_in_one_line_before_opening_the_bundle(tmp_path, face_photo, flag, value, name):
     # a bundle that does not exist: the values are checked before the bundle is opened and the LLM loaded
