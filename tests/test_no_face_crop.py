@@ -11,13 +11,11 @@ import pytest
 from PIL import Image
 
 torch = pytest.importorskip("torch")
-import torch.nn.functional as F  # noqa: E402
+from test_preprocess import official_image  # noqa: E402
 
-from facellava.contract import CLIP_MEAN, CLIP_STD, IMAGE_SIZE  # noqa: E402
+from facellava.contract import CLIP_MEAN  # noqa: E402
 from facellava.runtime.preprocess import SQUARE_FILL, expand2square, preprocess_image  # noqa: E402
 
-MEAN = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-STD = torch.tensor(CLIP_STD).view(3, 1, 1)
 TOLERANCE = 1e-4  # as tests/test_preprocess.py: float32 rounding is ~4e-6, another kernel costs 1e-2 or more
 
 
@@ -35,18 +33,8 @@ def official_expand2square(image: np.ndarray) -> Image.Image:
 
 
 def official_processor(image: Image.Image) -> np.ndarray:
-    """LanguageBindImageProcessor's transform: ToTensor, Resize(224, BICUBIC) on the tensor (antialiased),
-    CenterCrop(224), Normalize."""
-    tensor = torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1).float() / 255
-    height, width = tensor.shape[-2:]
-    short, long = min(height, width), max(height, width)
-    new_long = int(IMAGE_SIZE * long / short)
-    size = (IMAGE_SIZE, new_long) if height <= width else (new_long, IMAGE_SIZE)
-    if size != (height, width):
-        tensor = F.interpolate(tensor[None], size=size, mode="bicubic", antialias=True, align_corners=False)[0]
-    top, left = int(round((tensor.shape[1] - IMAGE_SIZE) / 2.0)), int(round((tensor.shape[2] - IMAGE_SIZE) / 2.0))
-    tensor = tensor[:, top : top + IMAGE_SIZE, left : left + IMAGE_SIZE]
-    return ((tensor - MEAN) / STD).numpy()
+    """LanguageBindImageProcessor's transform on a PIL image (tests/test_preprocess.py's reference)."""
+    return official_image(np.asarray(image.convert("RGB")))
 
 
 def scene(photo: np.ndarray, height: int, width: int) -> np.ndarray:
