@@ -36,6 +36,9 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "export vision": Subcommand("facellava.export.cli_vision", "export_vision",
                                 "export the vision graphs to ONNX (FP32, FP16) into a bundle, each checked against "
                                 "PyTorch", "export"),
+    "export front-end": Subcommand("facellava.export.cli_front_end", "export_front_end",
+                                   "convert MediaPipe's face detectors and face mesh to ONNX into a bundle, each "
+                                   "checked against MediaPipe", "export"),
     "build-engine": Subcommand("facellava.export.cli_vision", "build_engine",
                                "build TensorRT engines from a bundle's vision graphs on this GPU, checked against ORT",
                                "tensorrt"),
