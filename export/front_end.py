@@ -35,7 +35,7 @@ from tqdm import tqdm
 from facellava.bundle import Bundle, BundleWriter
 from facellava.errors import FaceLlavaError
 from facellava.export import fidelity
-from facellava.export.tflite_onnx import OPSET, convert_tflite
+from facellava.export.tflite_onnx import OPSET, convert_tflite, read_tflite
 from facellava.runtime.assets import face_photo
 
 KIND = "front_end"
@@ -259,6 +259,8 @@ def write_front_end(writer: BundleWriter, models_dir: str | Path | None = None, 
     to the writer's transaction. Raises FaceLlavaError for missing or unreadable models, and for a graph that
     misses its parity limits unless `allow_drift`."""
     paths = find_models(models_dir)
+    for path in paths.values():
+        read_tflite(path)  # every file is a TFLite model before any work is done
     entries: dict[str, dict[str, Any]] = {}
     records: dict[str, dict[str, Any]] = {}
     seconds: dict[str, float] = {}
