@@ -76,7 +76,7 @@ EXTRA_PACKAGES: dict[str, str] = {
     "onnxruntime": "onnxruntime", "llama_cpp": "llama-cpp-python", "sentencepiece": "sentencepiece",
     "mediapipe": "mediapipe", "cv2": "opencv (mediapipe's opencv-contrib-python)", "PIL": "pillow",
     "tqdm": "tqdm", "tensorrt": "tensorrt", "cuda": "cuda-python", "jsonschema": "jsonschema",
-    "fastapi": "fastapi", "starlette": "fastapi (starlette)", "uvicorn": "uvicorn",
+    "fastapi": "fastapi", "starlette": "fastapi (starlette)", "uvicorn": "uvicorn", "tflite": "tflite",
 }
 
 
