@@ -319,3 +319,12 @@ def has_front_end(bundle_dir: str | Path) -> bool:
     """Whether the bundle lists all three front-end graphs."""
     bundle = Bundle.open(bundle_dir)
     return all(bundle.find(KIND, model=key) for key in MODELS)
+
+
+def add_front_end_if_missing(writer: BundleWriter, models_dir: str | Path | None = None,
+                             progress: bool = True) -> FrontEndExport | None:
+    """For the other exports, inside their own transaction: the front-end graphs when the bundle lacks any of
+    them (see `write_front_end`); None, and nothing done, when it has them all."""
+    if all(writer.manifest.find(KIND, model=key) for key in MODELS):
+        return None
+    return write_front_end(writer, models_dir, progress=progress)

@@ -17,7 +17,7 @@ import numpy as np
 import onnxruntime
 import pytest
 
-from facellava.bundle import Bundle
+from facellava.bundle import Bundle, BundleWriter
 from facellava.cli import main
 from facellava.export import front_end
 from facellava.export.tflite_onnx import convert_tflite
@@ -127,6 +127,12 @@ def test_export_front_end_writes_a_verified_bundle(tmp_path: Path, capsys: pytes
     assert session.get_inputs()[0].shape == [1, 192, 192, 3]
     notice = bundle.path_of(front_end.NOTICE_NAME).read_text()
     assert "Apache License, Version 2.0" in notice and "face_landmark_with_attention.tflite" in notice
+
+    # the other exports add the graphs only to a bundle that lacks them: this one has them, nothing changes
+    manifest = (bundle_dir / "manifest.json").read_bytes()
+    with BundleWriter.transaction(bundle_dir) as writer:
+        assert front_end.add_front_end_if_missing(writer, progress=False) is None
+    assert (bundle_dir / "manifest.json").read_bytes() == manifest
 
 
 def test_bad_model_paths_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
