@@ -32,6 +32,7 @@ import numpy as np
 import onnx
 from tqdm import tqdm
 
+from facellava import contract
 from facellava.bundle import Bundle, BundleWriter
 from facellava.errors import FaceLlavaError
 from facellava.export import fidelity
@@ -281,7 +282,7 @@ def write_front_end(writer: BundleWriter, models_dir: str | Path | None = None, 
                 "kind": KIND, "model": key, "precision": "fp32", "inputs": inputs, "outputs": outputs,
                 "input_range": list(model.input_range), "layout": "NHWC", "opset": OPSET,
                 "source_file": paths[key].name,
-                "source_file_sha256": _sha256(paths[key]), "converter": "facellava.export.tflite_onnx",
+                "source_file_sha256": contract.file_sha256(paths[key]), "converter": "facellava.export.tflite_onnx",
                 "licence": "Apache-2.0", "notice": NOTICE_NAME,
             }
     misses = [f"{name} misses its parity limits against MediaPipe ({fidelity.describe_limits(r['limits'])}): "
@@ -298,12 +299,6 @@ def write_front_end(writer: BundleWriter, models_dir: str | Path | None = None, 
     for name, entry in entries.items():
         writer.add(name, parity=records[name], **entry)
     return FrontEndExport(files={n: writer.manifest.files[n] for n in entries}, parity=records, seconds=seconds)
-
-
-def _sha256(path: Path) -> str:
-    from facellava import contract
-
-    return contract.file_sha256(path)
 
 
 def export_front_end(bundle_dir: str | Path, models_dir: str | Path | None = None, allow_drift: bool = False,

@@ -17,12 +17,14 @@ import numpy as np
 import onnxruntime
 import pytest
 
-from facellava.bundle import Bundle, BundleWriter
-from facellava.cli import main
-from facellava.export import front_end
-from facellava.export.tflite_onnx import convert_tflite
+pytest.importorskip("tflite")  # the export extra's flatbuffer parser
+pytest.importorskip("mediapipe")  # the models and the reference
 
-pytest.importorskip("mediapipe")
+from facellava.bundle import Bundle, BundleWriter  # noqa: E402
+from facellava.cli import main  # noqa: E402
+from facellava.export import front_end  # noqa: E402
+from facellava.export.tflite_onnx import convert_tflite  # noqa: E402
+
 MODELS = front_end.find_models()
 
 
