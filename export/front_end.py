@@ -164,11 +164,11 @@ def input_tensor(image: np.ndarray, input_range: tuple[float, float]) -> np.ndar
 
 
 @contextlib.contextmanager
-def mediapipe_inference(tflite_path: Path, size: int, input_range: tuple[float, float],
-                        outputs: int) -> Iterator[Any]:
+def mediapipe_inference(tflite_path: Path, size: int, input_range: tuple[float, float], outputs: int,
+                        threads: int = -1) -> Iterator[Any]:
     """A function image -> [flat float32 output tensors] that runs `tflite_path` in MediaPipe's own C++ inference
-    (ImageToTensorCalculator, InferenceCalculator with MediaPipe's custom-op resolver on XNNPACK), for images of
-    exactly `size` x `size` so that nothing is resampled."""
+    (ImageToTensorCalculator, InferenceCalculator with MediaPipe's custom-op resolver on XNNPACK with `threads`
+    threads, -1 for MediaPipe's default), for images of exactly `size` x `size` so that nothing is resampled."""
     from google.protobuf import text_format
     from mediapipe.framework import calculator_pb2
     from mediapipe.python.solution_base import PacketDataType, SolutionBase
@@ -185,7 +185,8 @@ def mediapipe_inference(tflite_path: Path, size: int, input_range: tuple[float, 
         node {{ calculator: "InferenceCalculator" input_stream: "TENSORS:input" output_stream: "TENSORS:tensors"
           input_side_packet: "OP_RESOLVER:op_resolver"
           options {{ [mediapipe.InferenceCalculatorOptions.ext] {{
-            model_path: {str(tflite_path.resolve())!r} delegate {{ xnnpack {{}} }} }} }} }}
+            model_path: {str(tflite_path.resolve())!r} cpu_num_thread: {threads}
+            delegate {{ xnnpack {{ num_threads: {threads} }} }} }} }} }}
         node {{ calculator: "SplitTensorVectorCalculator" input_stream: "tensors"
           {" ".join(f'output_stream: "tensor_{i}"' for i in range(outputs))}
           options {{ [mediapipe.SplitVectorCalculatorOptions.ext] {{
