@@ -50,6 +50,9 @@ def pipeline_arguments(parser: argparse.ArgumentParser, torch: bool = False, pri
         parser.add_argument("--checkpoint", type=Path,
                             help="with --vision torch: the PyTorch checkpoint the bundle was exported from")
         tower_arguments(parser)
+    parser.add_argument("--front-end", choices=["auto", "graphs", "mediapipe"], default="auto",
+                        help="the face front end: the bundle's ONNX graphs (export front-end) or MediaPipe (default "
+                             "auto: the graphs when the bundle has them)")
     parser.add_argument("--vision-precision", default="fp32",
                         help="fp32, fp16 (export vision) or int8 (calibrate vision)")
     parser.add_argument("--n-gpu-layers", type=int, default=0, help="LLM layers offloaded to the GPU (-1: all)")
@@ -92,6 +95,7 @@ def open_pipeline(args: argparse.Namespace):
                          n_ctx=args.n_ctx, vision_precision=args.vision_precision, kv_type=args.kv_cache,
                          flash_attn={"auto": None, "on": True, "off": False}[args.flash_attn],
                          n_threads=args.threads, n_threads_batch=args.threads_batch, poll=args.poll,
+                         front_end=args.front_end,
                          **({} if args.min_face is None else {"min_face": args.min_face}), **torch)
 
 

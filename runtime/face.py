@@ -6,12 +6,14 @@ BlazeFace detector, a square of side (w + h) / 2 anchored at the detection box's
 clamped to the image, resized with `cv2.resize` to 256 x 256. `official_crop` reproduces it exactly. The model's
 landmarks are the 68 iBUG-300W points on that crop, in crop pixels / 256; the official repository ships no
 landmark detector, so we run MediaPipe's face mesh on the crop and map its points to the 68 through the data
-table `MESH_TO_IBUG68`. Everything here is torch-free: numpy, OpenCV, Pillow and MediaPipe's legacy solutions,
-whose models ship inside the mediapipe wheel (nothing is downloaded).
+table `MESH_TO_IBUG68`. Everything here is torch-free: numpy, OpenCV, Pillow, and the models on one of two
+backends: the bundle's front-end ONNX graphs (`face_graphs`, MediaPipe's models converted at export, with its
+processing restated in numpy; the device needs no MediaPipe) or MediaPipe itself (legacy solutions and the task
+API, whose models ship inside the mediapipe wheel; the reference). Nothing is downloaded.
 
 Typical use::
 
-    front_end = FaceFrontEnd()
+    front_end = FaceFrontEnd.from_bundle(Bundle.open("bundle"))    # its graphs; FaceFrontEnd() runs MediaPipe
     face = front_end.process_image(load_image("photo.jpg"))        # FaceCrop: crop, landmarks, box, timings
     video = read_video("clip.mp4")                                  # the 8 official frames
     faces = front_end.process_video(video.frames)                   # one FaceCrop per frame
@@ -26,7 +28,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -41,7 +43,11 @@ from facellava.contract import (
     video_frame_indices,
 )
 from facellava.errors import FaceLlavaError
+from facellava.runtime.face_graphs import FRONT_END_FILES, Detection, FrontEndGraphs
 from facellava.runtime.preprocess import SQUARE_FILL, expand2square
+
+if TYPE_CHECKING:
+    from facellava.bundle import Bundle
 
 # FFmpeg's own complaints about a broken video would reach the user's terminal before our one-line error.
 # OpenCV reads this once, when it opens its first video, so it is set on import; a user's own setting wins.
@@ -437,36 +443,27 @@ def _process(graph: Any, image: np.ndarray) -> Any:
         return graph.process(image)
 
 
-class FaceFrontEnd:
-    """MediaPipe face detection, the official crop, and face-mesh landmarks, for images and video frames.
+class MediaPipeGraphs:
+    """The front end's reference backend: MediaPipe's own graphs (the legacy solutions' short- and full-range face
+    detection and static face mesh, and the task API's face detector, the official tool's), answering like
+    `face_graphs.FrontEndGraphs`. Needs the mediapipe package (the `dev` extra, not the `runtime` one)."""
 
-    Detection finds faces of every size (`detect`: BlazeFace short and full range, whole, bordered and tiled),
-    with the official detector's box wherever the official tool would crop. `min_face_side` is the smallest face
-    searched for, in pixels; on images whose long side is over 64 times that, the smallest is 1/64 of the long
-    side (`MIN_FACE_FRACTION`: the tiles, and the time, grow with the square of the ratio). The face mesh (with
-    the iris/lips/eyes refinement when `refine_landmarks`) runs on the crop. Holds MediaPipe graphs: reuse one
-    instance, and `close()` it (or use it as a context manager) when done.
-    """
+    name = "mediapipe"
 
-    def __init__(
-        self,
-        min_face_score: float = MIN_FACE_SCORE,
-        refine_landmarks: bool = True,
-        min_face_side: int = MIN_FACE_SIDE,
-        landmark_correction: bool = True,
-    ) -> None:
-        import mediapipe as mp  # imported here so that loading images and videos does not pay for it
-        from mediapipe.tasks.python import BaseOptions, vision
+    def __init__(self, refine_landmarks: bool = True) -> None:
+        try:
+            import mediapipe as mp  # imported here so that loading images and videos does not pay for it
+            from mediapipe.tasks.python import BaseOptions, vision
+        except ImportError:
+            raise FaceLlavaError("the bundle has no front-end graphs and MediaPipe is not installed: add them with "
+                                 "`facellava export front-end --bundle DIR`") from None
 
         detection = mp.solutions.face_detection
-        self.min_face_side = min_face_side
-        self.landmark_correction = landmark_correction
-        # the short-range graph does not apply min_detection_confidence (set to 0.7, it still returned a 0.52
-        # detection), so scores are filtered here. model_selection 0 is the short-range model: the same network
-        # as the official tools/detector.tflite (229,746 bytes there; the wheel's copy lacks 32 bytes of metadata)
-        self.min_face_score = min_face_score
         with _quiet_native_stderr():
-            self._detectors = [detection.FaceDetection(model_selection=model) for model in (0, 1)]
+            # model_selection 0 is the short-range model: the same network as the official tools/detector.tflite
+            # (229,746 bytes there; the wheel's copy lacks 32 bytes of metadata)
+            self._detectors = {"short_range": detection.FaceDetection(model_selection=0),
+                               "full_range": detection.FaceDetection(model_selection=1)}
             # the official tool's detector itself: MediaPipe's task API with its default options (score >= 0.5,
             # suppression 0.3) on the short-range model, the official tools/detector.tflite's network (the wheel's
             # copy lacks only 32 bytes of metadata, which the task API does not need)
@@ -477,10 +474,100 @@ class FaceFrontEnd:
                 static_image_mode=True, max_num_faces=1, refine_landmarks=refine_landmarks,
                 min_detection_confidence=0.5)
 
+    def detections(self, rgb: np.ndarray, model: str) -> list[Detection]:
+        """The legacy FaceDetection (`model` "short_range" or "full_range") on an RGB image: relative boxes."""
+        found = _process(self._detectors[model], np.ascontiguousarray(rgb)).detections or []
+        return [Detection((d.location_data.relative_bounding_box.xmin, d.location_data.relative_bounding_box.ymin,
+                           d.location_data.relative_bounding_box.width, d.location_data.relative_bounding_box.height),
+                          np.array([(k.x, k.y) for k in d.location_data.relative_keypoints], dtype=np.float32),
+                          float(d.score[0])) for d in found]
+
+    def official_detections(self, rgb: np.ndarray) -> list[tuple[int, int, int, int, float]]:
+        """The task API's FaceDetector on the whole image: (x, y, width, height, score) in pixels."""
+        import mediapipe as mp
+
+        with _quiet_native_stderr():
+            found = self._official.detect(mp.Image(image_format=mp.ImageFormat.SRGB, data=rgb)).detections
+        return [(d.bounding_box.origin_x, d.bounding_box.origin_y, d.bounding_box.width, d.bounding_box.height,
+                 float(d.categories[0].score)) for d in found]
+
+    def mesh(self, rgb: np.ndarray) -> np.ndarray | None:
+        """The static FaceMesh's points [478, 2] (468 without refinement) relative to the image, or None."""
+        result = _process(self._mesh, rgb)
+        if not result.multi_face_landmarks:
+            return None
+        return np.array([(point.x, point.y) for point in result.multi_face_landmarks[0].landmark], dtype=np.float64)
+
     def close(self) -> None:
-        """Release the MediaPipe graphs."""
-        for graph in (*self._detectors, self._official, self._mesh):
+        for graph in (*self._detectors.values(), self._official, self._mesh):
             graph.close()
+
+
+FRONT_ENDS = ("auto", "graphs", "mediapipe")
+
+
+def has_front_end_graphs(bundle: Bundle) -> bool:
+    """Whether the bundle's manifest lists the three front-end graphs (`facellava export front-end`)."""
+    present = set(bundle.find("front_end"))
+    return all(name in present for name in FRONT_END_FILES.values())
+
+
+class FaceFrontEnd:
+    """Face detection, the official crop, and face-mesh landmarks, for images and video frames.
+
+    Detection finds faces of every size (`detect`: BlazeFace short and full range, whole, bordered and tiled),
+    with the official detector's box wherever the official tool would crop. `min_face_side` is the smallest face
+    searched for, in pixels; on images whose long side is over 64 times that, the smallest is 1/64 of the long
+    side (`MIN_FACE_FRACTION`: the tiles, and the time, grow with the square of the ratio). The face mesh (with
+    the iris/lips/eyes refinement when `refine_landmarks`) runs on the crop.
+
+    The models run on one of two backends that answer alike: `graphs`, a `face_graphs.FrontEndGraphs` (the ONNX
+    graphs a bundle carries, `from_bundle`, with MediaPipe's processing restated in numpy: no MediaPipe needed),
+    or by default MediaPipe's own graphs (`MediaPipeGraphs`, the reference). The graphs' mesh is the attention
+    model, so they always refine. Holds the models: reuse one instance, and `close()` it (or use it as a context
+    manager) when done.
+    """
+
+    def __init__(
+        self,
+        min_face_score: float = MIN_FACE_SCORE,
+        refine_landmarks: bool = True,
+        min_face_side: int = MIN_FACE_SIDE,
+        landmark_correction: bool = True,
+        graphs: FrontEndGraphs | None = None,
+    ) -> None:
+        self.min_face_side = min_face_side
+        self.landmark_correction = landmark_correction
+        # the short-range graph does not apply min_detection_confidence (set to 0.7, it still returned a 0.52
+        # detection: the graph's own min_score_thresh 0.5 applies), so scores are filtered here
+        self.min_face_score = min_face_score
+        if graphs is not None and not refine_landmarks:
+            raise ValueError("the front-end graphs hold the attention face mesh: refine_landmarks must be True")
+        self._graphs: FrontEndGraphs | MediaPipeGraphs = graphs if graphs is not None else MediaPipeGraphs(
+            refine_landmarks)
+        self.backend = "graphs" if graphs is not None else "mediapipe"
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, front_end: str = "auto", providers: Sequence[object] | None = None,
+                    **options: Any) -> FaceFrontEnd:
+        """The front end for a bundle: `front_end` "graphs" runs the bundle's front-end ONNX graphs on ONNX Runtime
+        with `providers` (default CPU), "mediapipe" runs MediaPipe, "auto" the graphs when the bundle has them and
+        MediaPipe otherwise. `options` go to the constructor. Raises FaceLlavaError for an unknown choice, graphs
+        asked for that the bundle lacks, or neither graphs nor MediaPipe available."""
+        if front_end not in FRONT_ENDS:
+            raise FaceLlavaError(f"unknown front end {front_end!r}; choose from {', '.join(FRONT_ENDS)}")
+        has_graphs = has_front_end_graphs(bundle)
+        if front_end == "graphs" and not has_graphs:
+            raise FaceLlavaError(f"{bundle.path} has no front-end graphs; add them with `facellava export front-end "
+                                 "--bundle DIR`, or use --front-end mediapipe")
+        if front_end == "mediapipe" or not has_graphs:
+            return cls(**options)
+        paths = {model: bundle.path_of(name) for model, name in FRONT_END_FILES.items()}
+        return cls(graphs=FrontEndGraphs.from_files(paths, providers), **options)
+
+    def close(self) -> None:
+        """Release the models."""
+        self._graphs.close()
 
     def __enter__(self) -> FaceFrontEnd:
         return self
@@ -507,7 +594,7 @@ class FaceFrontEnd:
         rgb = check_image(rgb)
         height, width = rgb.shape[:2]
         official, candidates = self._official_detections(rgb)
-        full_range, short_range = self._detectors[1], self._detectors[0]
+        full_range, short_range = "full_range", "short_range"
         candidates += self._look(full_range, rgb, 0, 0, width, height)
         border = max(height, width) // 4
         candidates += self._look(short_range, rgb, 0, 0, width, height, border=border)
@@ -529,7 +616,7 @@ class FaceFrontEnd:
         cx, cy = box.center
         left, top = max(0, int(cx - side / 2)), max(0, int(cy - side / 2))
         right, bottom = min(width, int(cx + side / 2)), min(height, int(cy + side / 2))
-        for detector in self._detectors:
+        for detector in ("short_range", "full_range"):
             candidates += self._look(detector, rgb, left, top, right - left, bottom - top, tile=True)
         return sorted(_merge(candidates, official, self.min_face_score), key=lambda box: box.center[0])
 
@@ -548,10 +635,11 @@ class FaceFrontEnd:
             side *= TILE_LEVEL_RATIO
         return sides
 
-    def _look(self, detector: Any, rgb: np.ndarray, left: int, top: int, width: int, height: int, border: int = 0,
+    def _look(self, detector: str, rgb: np.ndarray, left: int, top: int, width: int, height: int, border: int = 0,
               tile: bool = False) -> list[FaceBox]:
-        """Run one legacy detector on a view of the image (a region, optionally inside a border of the processor's
-        mean colour); the detections in image pixels. In a tile, detections touching an inner edge are dropped."""
+        """Run one legacy detector ("short_range" or "full_range") on a view of the image (a region, optionally
+        inside a border of the processor's mean colour); the detections in image pixels. In a tile, detections
+        touching an inner edge are dropped."""
         view = rgb[top : top + height, left : left + width]
         if border:
             view = cv2.copyMakeBorder(view, border, border, border, border, cv2.BORDER_CONSTANT, value=SQUARE_FILL)
@@ -563,29 +651,24 @@ class FaceFrontEnd:
         image_height, image_width = rgb.shape[:2]
         edge = 0.02 * max(width, height)
         boxes = []
-        for detection in _process(detector, np.ascontiguousarray(view)).detections or []:
-            relative = detection.location_data.relative_bounding_box
-            x = left - border + relative.xmin * view_width
-            y = top - border + relative.ymin * view_height
-            box_width, box_height = relative.width * view_width, relative.height * view_height
+        for detection in self._graphs.detections(np.ascontiguousarray(view), detector):
+            xmin, ymin, relative_width, relative_height = detection.box
+            x = left - border + xmin * view_width
+            y = top - border + ymin * view_height
+            box_width, box_height = relative_width * view_width, relative_height * view_height
             if tile and ((left > 0 and x < left + edge) or (top > 0 and y < top + edge)
                          or (left + width < image_width and x + box_width > left + width - edge)
                          or (top + height < image_height and y + box_height > top + height - edge)):
                 continue
             boxes.append(FaceBox(max(0, int(x)), max(0, int(y)), int(box_width), int(box_height),
-                                 float(detection.score[0])))
+                                 detection.score))
         return boxes
 
     def _official_detections(self, rgb: np.ndarray) -> tuple[FaceBox | None, list[FaceBox]]:
         """The official detector on the whole image: (its box when it finds exactly one face, else None; all its
         detections, scored 0.5 or more)."""
-        import mediapipe as mp
-
-        with _quiet_native_stderr():
-            found = self._official.detect(mp.Image(image_format=mp.ImageFormat.SRGB, data=rgb)).detections
-        boxes = [FaceBox(d.bounding_box.origin_x, d.bounding_box.origin_y, d.bounding_box.width,
-                         d.bounding_box.height, float(d.categories[0].score), official=len(found) == 1)
-                 for d in found]
+        found = self._graphs.official_detections(rgb)
+        boxes = [FaceBox(x, y, width, height, score, official=len(found) == 1) for x, y, width, height, score in found]
         return (boxes[0] if len(boxes) == 1 else None), boxes
 
     def official_box(self, rgb: np.ndarray) -> FaceBox | None:
@@ -602,12 +685,10 @@ class FaceFrontEnd:
         crop_side = crop.shape[0]
         for border in (0, crop_side // 4):
             image = crop if border == 0 else cv2.copyMakeBorder(crop, *[border] * 4, cv2.BORDER_CONSTANT, value=0)
-            result = _process(self._mesh, image)
-            if result.multi_face_landmarks:
-                mesh = result.multi_face_landmarks[0].landmark
+            mesh = self._graphs.mesh(image)
+            if mesh is not None:
                 # the mesh's coordinates are relative to the image it saw; bring them back to the crop's
-                side = image.shape[0]
-                points = np.array([(point.x, point.y) for point in mesh], dtype=np.float64) * side - border
+                points = mesh * image.shape[0] - border
                 points = mesh_to_ibug68(points)
                 if self.landmark_correction:
                     points = correct_landmarks(points)

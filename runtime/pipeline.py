@@ -127,11 +127,12 @@ class Pipeline:
     """A bundle opened for answering: the vision backend, the LLM session and the face front end."""
 
     def __init__(self, bundle: Bundle, vision: VisionBackend, session: ChatSession,
-                 min_face: int = face.MIN_FACE_SIDE):
+                 min_face: int = face.MIN_FACE_SIDE, front_end: str = "auto"):
         self.bundle = bundle
         self.vision = vision
         self.session = session
         self.min_face = min_face
+        self.front_end_choice = front_end
         self._front_end: face.FaceFrontEnd | None = None
         # (source key, its prepared input, its medium key) of the last ask: reused while that medium is cached
         self._last_prepared: tuple[str, PreparedInput, str] | None = None
@@ -141,7 +142,8 @@ class Pipeline:
              n_ctx: int = 4096, vision_precision: str = "fp32", kv_type: str = "f16", flash_attn: bool | None = None,
              n_threads: int | None = None, n_threads_batch: int | None = None, poll: int | None = None,
              verbose: bool = False, checkpoint: str | Path | None = None, image_tower: str | Path | None = None,
-             video_tower: str | Path | None = None, min_face: int = face.MIN_FACE_SIDE) -> Pipeline:
+             video_tower: str | Path | None = None, min_face: int = face.MIN_FACE_SIDE,
+             front_end: str = "auto") -> Pipeline:
         """Open a bundle: verify its manifest and the files used, pick the vision backend (`auto`,
         `onnxruntime`, `tensorrt`, `torch`) and the GGUF type (`llm`; default: the most precise present), load the
         LLM with `n_gpu_layers` offloaded. `kv_type` "f32" and `flash_attn` False make llama.cpp's attention as
@@ -149,13 +151,20 @@ class Pipeline:
         are faster). `n_threads`, `n_threads_batch` and `poll` are llama.cpp's CPU thread policy
         (`LlamaModel.open`). `checkpoint` (and optional tower directories) is the PyTorch checkpoint the bundle was
         exported from, for vision="torch" only. `min_face` is the smallest face the front end searches for, in
-        pixels (searching down to 20 costs tiles of the image; a larger value is faster). Raises
-        FaceLlavaError for a bundle that is missing, altered, or lacks what was asked for."""
+        pixels (searching down to 20 costs tiles of the image; a larger value is faster). `front_end` picks the
+        face front end's backend (`FaceFrontEnd.from_bundle`): "auto" runs the bundle's front-end graphs on ONNX
+        Runtime (the vision graph's provider choice) when it has them, else MediaPipe; "graphs" or "mediapipe"
+        insist. Raises FaceLlavaError for a bundle that is missing, altered, or lacks what was asked for."""
         from facellava.runtime.llm import LlamaModel
 
         if min_face < 1:
             raise FaceLlavaError(f"min_face must be at least 1 pixel, got {min_face}")
+        if front_end not in face.FRONT_ENDS:
+            raise FaceLlavaError(f"unknown front end {front_end!r}; choose from {', '.join(face.FRONT_ENDS)}")
         opened = Bundle.open(bundle)
+        if front_end == "graphs" and not face.has_front_end_graphs(opened):
+            raise FaceLlavaError(f"{opened.path} has no front-end graphs; add them with `facellava export "
+                                 "front-end --bundle DIR`, or use --front-end mediapipe")
         types = {opened.files[name].get("type"): name for name in opened.find("llm")}
         if not types:
             raise FaceLlavaError(f"{opened.path} has no GGUF; export one with `facellava export llm`")
@@ -167,12 +176,17 @@ class Pipeline:
         model = LlamaModel.open(opened.path_of(types[llm]), n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
                                 kv_type=kv_type, flash_attn=flash_attn, n_threads=n_threads,
                                 n_threads_batch=n_threads_batch, poll=poll, verbose=verbose)
-        return cls(opened, backend, ChatSession(model), min_face)
+        return cls(opened, backend, ChatSession(model), min_face, front_end)
 
     @property
     def front_end(self) -> face.FaceFrontEnd:
         if self._front_end is None:
-            self._front_end = face.FaceFrontEnd(min_face_side=self.min_face)
+            from facellava.runtime.ort_providers import execution_providers
+
+            graphs = self.front_end_choice != "mediapipe" and face.has_front_end_graphs(self.bundle)
+            self._front_end = face.FaceFrontEnd.from_bundle(
+                self.bundle, self.front_end_choice, providers=execution_providers() if graphs else None,
+                min_face_side=self.min_face)
         return self._front_end
 
     def prepare(self, image: str | Path | np.ndarray | None = None, video: str | Path | None = None,
