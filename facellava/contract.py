@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -133,6 +134,48 @@ def tokenize_prompt(prompt: str, encode: Callable[[str], Sequence[int]], bos_id:
     then `tokenize_chunks`. For fixed prompts and training data, where `<image>` is structural; a user's question
     goes through `prompt_chunks` instead."""
     return tokenize_chunks(prompt.split(IMAGE_PLACEHOLDER), encode, bos_id)
+
+
+@dataclass(frozen=True)
+class SpliceRun:
+    """One run of a spliced prompt: text ids to embed as tokens (`block` None), or the index of the visual block
+    that takes the place of one `IMAGE_TOKEN_INDEX` (`ids` empty)."""
+
+    ids: tuple[int, ...] = ()
+    block: int | None = None
+
+
+def splice_plan(input_ids: Sequence[int], num_blocks: int) -> list[SpliceRun]:
+    """The splice both the model and the runtime follow: the ids cut into runs of text ids and visual blocks, in
+    order, the i-th `IMAGE_TOKEN_INDEX` becoming block i (one [N, D] block per marker: one per image, eight per
+    video). Consecutive text ids form one run. Raises ValueError when the markers and `num_blocks` differ (the
+    caller paired a prompt with the wrong blocks: a bug, not a user's input).
+    """
+    markers = sum(1 for token in input_ids if token == IMAGE_TOKEN_INDEX)
+    if markers != num_blocks:
+        raise ValueError(f"the prompt has {markers} visual positions but {num_blocks} visual blocks were given")
+    runs: list[SpliceRun] = []
+    text: list[int] = []
+    blocks = 0
+    for token in input_ids:
+        if token != IMAGE_TOKEN_INDEX:
+            text.append(token)
+            continue
+        if text:
+            runs.append(SpliceRun(ids=tuple(text)))
+            text = []
+        runs.append(SpliceRun(block=blocks))
+        blocks += 1
+    if text:
+        runs.append(SpliceRun(ids=tuple(text)))
+    return runs
+
+
+def spliced_length(input_ids: Sequence[int], block_lengths: Sequence[int]) -> int:
+    """How many LLM positions a spliced prompt fills: its text ids plus each visual block's length. Raises
+    ValueError as `splice_plan` does."""
+    return sum(len(run.ids) if run.block is None else block_lengths[run.block]
+               for run in splice_plan(input_ids, len(block_lengths)))
 
 
 # --- the vision graph ---------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ The pieces, in the paper's words (Chaubey, Guan, Soleymani, WACV 2026) and the o
 - The LLM: transformers' `LlamaForCausalLM` (Vicuna-7B v1.5).
 
 `FaceLlava` joins them and offers the public API the exporters and checks call: `from_pretrained`,
-`encode_image`, `encode_video`, `embed_prompt`, `generate_reference`; training calls `forward_train`.
+`encode_image`, `encode_video` (and `encode`, either one by the pixels' rank), `embed_prompt`,
+`generate_reference`; training calls `forward_train`.
 """
 
 from __future__ import annotations
@@ -496,6 +497,30 @@ class FaceLlava(nn.Module):
         [B, 8, 257, D] (CLS kept). Raises FaceLlavaError when the checkpoint has no video tower."""
         return self.project_visual(self.video_features(pixel_values), landmarks)
 
+    def encode(self, pixel_values: torch.Tensor, landmarks: torch.Tensor | None = None) -> torch.Tensor:
+        """Visual tokens of an image batch [B, 3, 224, 224] (`encode_image`: [B, 256, D]) or a video batch
+        [B, 3, 8, 224, 224] (`encode_video`: [B, 8, 257, D]), told apart by the pixels' rank; landmarks
+        [B, 68, 2] / [B, 8, 68, 2] or None. Raises FaceLlavaError as those do; ValueError for another rank."""
+        return self.project_visual(self.visual_features(pixel_values), landmarks)
+
+    def visual_blocks(self, pixel_values: torch.Tensor, landmarks: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The visual blocks of one medium (batch 1), as `embed_prompt` takes them: one [256, D] block for an
+        image, eight [257, D] for a video."""
+        tokens = self.encode(pixel_values, landmarks)
+        if len(tokens) != 1:
+            raise ValueError(f"visual_blocks takes one medium (batch 1), got a batch of {len(tokens)}")
+        return list(tokens[0].reshape(-1, *tokens.shape[-2:]))
+
+    def visual_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The tower features of an image batch (`image_features`) or a video batch (`video_features`), told
+        apart by the pixels' rank (4 or 5). Raises ValueError for another rank."""
+        if pixel_values.ndim == 4:
+            return self.image_features(pixel_values)
+        if pixel_values.ndim == 5:
+            return self.video_features(pixel_values)
+        raise ValueError(f"pixel_values must be an image batch [B, 3, 224, 224] or a video batch "
+                         f"[B, 3, 8, 224, 224], got {list(pixel_values.shape)}")
+
     def no_tower(self, kind: str) -> str:
         """The one-line error for a tower this model lacks: where the loader looked, and what to pass."""
         return self.missing_towers.get(kind) or (f"this model has no {kind} tower; pass --{kind}-tower DIR "
@@ -532,23 +557,17 @@ class FaceLlava(nn.Module):
         """The LLM's input embeddings [L, D]: text ids embedded, each IMAGE_TOKEN_INDEX replaced by the next block.
 
         `visual_blocks` is a sequence of [N, D] tensors (or one [K, N, D] tensor): `encode_image(...)[0]` is one
-        block, `encode_video(...)[0]` is eight. Raises ValueError when their count differs from the markers'.
+        block, `encode_video(...)[0]` is eight. The runs follow `contract.splice_plan`, as the runtime's do.
+        Raises ValueError when their count differs from the markers'.
         """
         blocks = list(visual_blocks)
-        markers = sum(1 for i in input_ids if i == contract.IMAGE_TOKEN_INDEX)
-        if markers != len(blocks):
-            raise ValueError(f"the prompt has {markers} visual positions but {len(blocks)} visual blocks were given")
         embed = self.llm.get_input_embeddings()
-        pieces, text, blocks_left = [], [], iter(blocks)
-        for token in [*input_ids, None]:
-            if token is not None and token != contract.IMAGE_TOKEN_INDEX:
-                text.append(token)
-                continue
-            if text:
-                pieces.append(embed(torch.tensor(text, dtype=torch.long, device=embed.weight.device)))
-                text = []
-            if token == contract.IMAGE_TOKEN_INDEX:
-                pieces.append(next(blocks_left).to(embed.weight.dtype))
+        pieces = []
+        for run in contract.splice_plan(input_ids, len(blocks)):
+            if run.block is None:
+                pieces.append(embed(torch.tensor(run.ids, dtype=torch.long, device=embed.weight.device)))
+            else:
+                pieces.append(blocks[run.block].to(embed.weight.dtype))
         return torch.cat(pieces)
 
     @torch.no_grad()
@@ -620,11 +639,12 @@ def spliced_labels(input_ids: Sequence[int], labels: Sequence[int], block_length
     entries (nothing is learned at visual positions), the text labels stay as they are."""
     if len(input_ids) != len(labels):
         raise ValueError(f"{len(input_ids)} token ids but {len(labels)} labels")
-    spliced, lengths = [], iter(block_lengths)
-    for token, label in zip(input_ids, labels, strict=True):
-        if token == contract.IMAGE_TOKEN_INDEX:
-            spliced.extend([IGNORE_INDEX] * next(lengths))
+    spliced, cursor = [], 0
+    for run in contract.splice_plan(input_ids, len(block_lengths)):
+        if run.block is None:
+            spliced.extend(labels[cursor:cursor + len(run.ids)])
+            cursor += len(run.ids)
         else:
-            spliced.append(label)
+            spliced.extend([IGNORE_INDEX] * block_lengths[run.block])
+            cursor += 1
     return spliced
-

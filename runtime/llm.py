@@ -376,24 +376,13 @@ class LlamaModel:
 
     def eval_prompt(self, input_ids: Sequence[int], visual_blocks: Sequence[np.ndarray] = ()) -> np.ndarray:
         """Append a spliced prompt: runs of text ids as tokens, each `IMAGE_TOKEN_INDEX` replaced by the next
-        visual block [N, n_embd] as embeddings (as `contract.tokenize_prompt` marks them). Returns the logits
-        after the last position. Raises FaceLlavaError when blocks and markers do not pair up."""
-        markers = sum(1 for token in input_ids if token == contract.IMAGE_TOKEN_INDEX)
-        if markers != len(visual_blocks):
-            raise FaceLlavaError(f"the prompt has {markers} visual positions but {len(visual_blocks)} visual "
-                                 "blocks were given")
-        blocks = iter(visual_blocks)
-        text: list[int] = []
+        visual block [N, n_embd] as embeddings (the runs of `contract.splice_plan`, which the model's
+        `embed_prompt` follows too). Returns the logits after the last position. Raises ValueError when blocks and
+        markers do not pair up, FaceLlavaError for an empty prompt."""
         logits = None
-        for token in [*input_ids, None]:
-            if token is not None and token != contract.IMAGE_TOKEN_INDEX:
-                text.append(token)
-                continue
-            if text:
-                logits = self.eval_tokens(text)
-                text = []
-            if token == contract.IMAGE_TOKEN_INDEX:
-                logits = self.eval_embeddings(next(blocks))
+        for run in contract.splice_plan(input_ids, len(visual_blocks)):
+            logits = self.eval_tokens(list(run.ids)) if run.block is None else self.eval_embeddings(
+                visual_blocks[run.block])
         if logits is None:
             raise FaceLlavaError("nothing to decode: the prompt is empty")
         return logits

@@ -111,3 +111,27 @@ def test_contract_module_is_torch_free():
             "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("prompt", [
+    "<image>\nDescribe the face.",
+    "Describe this: <image>",
+    "<image><image>",
+    "no placeholder at all",
+    " ".join(["<image>"] * 8) + "\nWhat emotion?",
+])
+def test_the_splice_plan_puts_block_i_at_the_i_th_marker(sp, prompt):
+    ids = contract.tokenize_prompt(prompt, sp.encode, bos_id=1)
+    blocks = ids.count(contract.IMAGE_TOKEN_INDEX)
+    runs = contract.splice_plan(ids, blocks)
+    # the runs, expanded again (each block as its marker), are the ids; blocks come 0, 1, 2, ... in order
+    expanded = [t for run in runs for t in (run.ids if run.block is None else [contract.IMAGE_TOKEN_INDEX])]
+    assert expanded == ids
+    assert [run.block for run in runs if run.block is not None] == list(range(blocks))
+    assert all(run.ids and contract.IMAGE_TOKEN_INDEX not in run.ids for run in runs if run.block is None)
+    # no two text runs in a row: each is as long as the text between markers
+    assert not any(a.block is None and b.block is None for a, b in zip(runs, runs[1:], strict=False))
+    lengths = [256 + i for i in range(blocks)]
+    assert contract.spliced_length(ids, lengths) == len(ids) - blocks + sum(lengths)
+    with pytest.raises(ValueError, match=f"the prompt has {blocks} visual positions but {blocks + 1} visual blocks"):
+        contract.splice_plan(ids, blocks + 1)
