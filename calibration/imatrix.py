@@ -3,7 +3,7 @@
 llama.cpp's `llama-imatrix` only sees text, but Face-LLaVA's LLM spends most of its positions on visual tokens
 (256 per image, 2056 per video), whose activations look nothing like text's. So the matrix is collected here,
 in PyTorch, on prompts that include them: the official task questions about calibration images and videos,
-read through the runtime's front end and preprocessing, encoded by `FaceLlava.encode_image/encode_video`, then
+read through the runtime's front end and preprocessing, encoded by `FaceLlava.visual_blocks`, then
 the prompt and a short greedy continuation run through the LLM, streamed from the checkpoint one decoder layer
 at a time (`model.streaming`: bounded memory whatever the model's size). Every decoder nn.Linear adds up its
 squared input activations per input column and counts the tokens: exactly what `llama-imatrix` collects
@@ -71,10 +71,7 @@ def calibration_prompts(model: Any, media: Sequence[Any], progress: bool = True)
             landmarks = None
             if medium.landmarks is not None and model.config.has_landmark_modules:
                 landmarks = torch.from_numpy(medium.landmarks)
-            if medium.modality == "image":
-                blocks = [model.encode_image(pixels, landmarks)[0]]
-            else:
-                blocks = list(model.encode_video(pixels, landmarks)[0])
+            blocks = model.visual_blocks(pixels, landmarks)
             prompts.append(CalibrationPrompt(next(cycles[medium.modality]), medium.modality, blocks,
                                              medium.source))
     return prompts

@@ -140,18 +140,15 @@ def fixed_visual_blocks(model: FaceLlava, modality: contract.Modality, seed: int
     mean = torch.tensor(contract.CLIP_MEAN).view(3, 1, 1)
     std = torch.tensor(contract.CLIP_STD).view(3, 1, 1)
     size = contract.IMAGE_SIZE
+    if modality == "image":
+        pixels = (torch.rand(1, 3, size, size, generator=generator) - mean) / std
+        landmarks = 0.25 + 0.5 * torch.rand(1, contract.NUM_LANDMARKS, 2, generator=generator)
+    else:
+        frames = (torch.rand(1, contract.NUM_FRAMES, 3, size, size, generator=generator) - mean) / std
+        pixels = frames.permute(0, 2, 1, 3, 4)  # [B, C, T, H, W]
+        landmarks = 0.25 + 0.5 * torch.rand(1, contract.NUM_FRAMES, contract.NUM_LANDMARKS, 2, generator=generator)
     with torch.no_grad():
-        if modality == "image":
-            pixels = (torch.rand(1, 3, size, size, generator=generator) - mean) / std
-            landmarks = 0.25 + 0.5 * torch.rand(1, contract.NUM_LANDMARKS, 2, generator=generator)
-            blocks = [model.encode_image(pixels, landmarks if model.config.has_landmark_modules else None)[0]]
-        else:
-            frames = (torch.rand(1, contract.NUM_FRAMES, 3, size, size, generator=generator) - mean) / std
-            pixels = frames.permute(0, 2, 1, 3, 4)  # [B, C, T, H, W]
-            landmarks = 0.25 + 0.5 * torch.rand(1, contract.NUM_FRAMES, contract.NUM_LANDMARKS, 2,
-                                                generator=generator)
-            encoded = model.encode_video(pixels, landmarks if model.config.has_landmark_modules else None)[0]
-            blocks = list(encoded)
+        blocks = model.visual_blocks(pixels, landmarks if model.config.has_landmark_modules else None)
     return [np.ascontiguousarray(b.float().numpy()) for b in blocks]
 
 

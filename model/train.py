@@ -180,14 +180,14 @@ def visual_blocks(model: FaceLlava, examples: Sequence[Example], device: torch.d
     for row, example in enumerate(examples):
         if example.record.kind is not None:
             groups[(example.record.kind, example.landmarks is not None)].append(row)
-    for (kind, has_landmarks), rows in groups.items():
+    for (_kind, has_landmarks), rows in groups.items():
         pixels = torch.stack([examples[row].pixel_values for row in rows]).to(device)
         landmarks = torch.stack([examples[row].landmarks for row in rows]).to(device) if has_landmarks else None
         with torch.no_grad():
-            features = model.image_features(pixels) if kind == "image" else model.video_features(pixels)
+            features = model.visual_features(pixels)
         tokens = model.project_visual(features, landmarks)
         for row, sample_tokens in zip(rows, tokens, strict=True):
-            blocks[row] = [sample_tokens] if kind == "image" else list(sample_tokens)
+            blocks[row] = list(sample_tokens.reshape(-1, *tokens.shape[-2:]))  # 1 block per image, 8 per video
     return blocks
 
 

@@ -246,8 +246,7 @@ class TorchVision(VisionBackend):
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(pixel_values, dtype=np.float32))
             lm = None if landmarks is None else torch.from_numpy(np.ascontiguousarray(landmarks, dtype=np.float32))
-            encode = self.model.encode_image if modality == "image" else self.model.encode_video
-            return encode(x, lm).float().numpy()
+            return self.model.encode(x, lm).float().numpy()  # image or video by the pixels' rank
 
 
 def open_vision(bundle: Bundle, backend: str = "auto", precision: str = "fp32", checkpoint: str | Path | None = None,

@@ -211,3 +211,25 @@ def test_generate_reference_is_greedy_over_the_spliced_prompt(tiny_model):
     assert isinstance(out.text, str)
     with pytest.raises(ValueError, match="visual"):
         tiny_model.embed_prompt(ids, [])
+
+
+@torch.no_grad()
+def test_one_entry_encodes_an_image_or_a_video_by_the_pixels_rank(tiny_model):
+    image, video = pixels(2), pixels(1, video=True)
+    torch.testing.assert_close(tiny_model.encode(image, face_landmarks(2)),
+                               tiny_model.encode_image(image, face_landmarks(2)), rtol=0, atol=0)
+    torch.testing.assert_close(tiny_model.encode(video), tiny_model.encode_video(video), rtol=0, atol=0)
+    blocks = tiny_model.visual_blocks(video, face_landmarks(1, 8))
+    assert [tuple(b.shape) for b in blocks] == [(257, 256)] * 8
+    torch.testing.assert_close(blocks[5], tiny_model.encode_video(video, face_landmarks(1, 8))[0, 5], rtol=0, atol=0)
+    assert [tuple(b.shape) for b in tiny_model.visual_blocks(image[:1])] == [(256, 256)]
+    # the blocks splice where the markers are: block i fills the rows after the i-th marker's text
+    ids = tiny_model.prompt_ids("What emotion is shown?", "video")
+    embeds = tiny_model.embed_prompt(ids, blocks)
+    first = ids.index(contract.IMAGE_TOKEN_INDEX)
+    assert embeds.shape[0] == contract.spliced_length(ids, [257] * 8)
+    torch.testing.assert_close(embeds[first:first + 257], blocks[0], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="image batch"):
+        tiny_model.encode(image[0])
+    with pytest.raises(ValueError, match="batch 1"):
+        tiny_model.visual_blocks(image)
