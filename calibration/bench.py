@@ -9,8 +9,10 @@ Per variant (one vision precision with one GGUF type), on the bench images:
   variant is reported beside it, since the process also holds the PyTorch reference's libraries;
 - fidelity against PyTorch: the visual-token cosine of the vision graph against `FaceLlava.encode_image` on the
   same preprocessed input, and, with those visual tokens in the GGUF, the first-token KL, the top-1 agreement
-  (teacher-forced over the reference's greedy continuation) and the greedy match length against
-  `FaceLlava.generate_reference` on the torch visual tokens (so the figure is the whole variant's);
+  (teacher-forced over the reference's greedy continuation) and the greedy match length against PyTorch's greedy
+  decode on the torch visual tokens (so the figure is the whole variant's). The reference streams the LLM one
+  decoder layer at a time, as `export llm`'s parity does (`build_references`), so a 7B checkpoint is never
+  loaded whole;
 - the runtime's decode tokens/s over raw llama-cpp-python (`llama_cpp.Llama`, greedy) on the same GGUF after a
   prompt of the same length, measured in the same run, same settings (F16 KV cache, no flash attention);
 - file sizes of the variant's vision graph and GGUF.
@@ -120,25 +122,51 @@ class ImageReference:
 
 def build_references(checkpoint: str | Path, media: Sequence[Any], question: str,
                      decode_tokens: int = DECODE_TOKENS, image_tower: str | Path | None = None,
-                     video_tower: str | Path | None = None) -> list[ImageReference]:
-    """The PyTorch reference on each bench image (`calibration.dataset.CalibrationSet.samples`)."""
+                     video_tower: str | Path | None = None, proposal_gguf: str | Path | None = None,
+                     progress: bool = False) -> list[ImageReference]:
+    """The PyTorch reference on each bench image (`calibration.dataset.CalibrationSet.samples`), in the memory
+    bound of `export llm`'s parity reference: the vision half alone (the image tower, projector, FRLP/FRGCA;
+    `load_face_llava(llm=False)`) gives the visual tokens and is freed, then the LLM is streamed from the checkpoint
+    one decoder layer at a time (`model.streaming.greedy_continuations`), never loaded whole. `proposal_gguf` (a
+    GGUF of the same checkpoint, best F32/F16) proposes the continuations a streamed pass verifies; without it
+    every pass fixes one token. The tokens are exactly PyTorch's greedy decode and the logits match
+    `FaceLlava.generate_reference`'s to float rounding. Raises FaceLlavaError for a damaged checkpoint or one
+    without an image tower."""
     import torch
 
-    from facellava.model.modeling import FaceLlava
+    from facellava.export.llm_parity import gguf_proposer
+    from facellava.model.loading import load_face_llava
+    from facellava.model.streaming import LayerStream, StreamedPrompt, greedy_continuations
 
-    model = FaceLlava.from_pretrained(checkpoint, image_tower=image_tower, video_tower=video_tower).eval()
-    references = []
+    model = load_face_llava(checkpoint, image_tower=image_tower, video_tower=video_tower, llm=False,
+                            towers=("image",))
+    if model.image_tower is None:
+        raise FaceLlavaError(model.no_tower("image"))
+    encoded = []
     with torch.inference_mode():
         for medium in media:
             landmarks = medium.landmarks if model.config.has_landmark_modules else None
             tokens = model.encode_image(torch.from_numpy(medium.pixel_values),
                                         None if landmarks is None else torch.from_numpy(landmarks))[0]
-            ids = model.prompt_ids(question, "image")
-            output = model.generate_reference(ids, [tokens], max_new_tokens=decode_tokens, stop_at_eos=False)
-            references.append(ImageReference(medium.source, medium.pixel_values, landmarks,
-                                             tokens.float().numpy(), ids, output.tokens,
-                                             output.logits.float().numpy()))
-    return references
+            encoded.append((medium, landmarks, np.ascontiguousarray(tokens.float().numpy())))
+    ids = model.prompt_ids(question, "image")
+    del model  # the towers go before the decoder streams
+    prompts = [StreamedPrompt(ids, [tokens]) for _, _, tokens in encoded]
+    propose = gguf_proposer(proposal_gguf) if proposal_gguf is not None else None
+    results = greedy_continuations(LayerStream(checkpoint), prompts, decode_tokens, propose, progress=progress)
+    return [ImageReference(medium.source, medium.pixel_values, landmarks, tokens, ids, result.tokens,
+                           result.logits.numpy())
+            for (medium, landmarks, tokens), result in zip(encoded, results, strict=True)]
+
+
+def proposal_gguf(bundle: Any) -> Path | None:
+    """The bundle's GGUF closest to PyTorch (F32, else F16, else Q8_0, else any), whose greedy continuations the
+    streamed reference verifies (fewer passes the closer it is); None when the bundle has none."""
+    types = {bundle.files[name]["type"]: name for name in bundle.find("llm")}
+    for preferred in ("f32", "f16", "q8_0", *sorted(types)):
+        if preferred in types:
+            return bundle.path_of(types[preferred])
+    return None
 
 
 def llm_fidelity(llm: Any, reference: ImageReference, visual_tokens: np.ndarray) -> dict[str, float]:
@@ -300,7 +328,8 @@ def run_bench(bundle: str | Path, out_dir: str | Path, images: str | Path | None
     todo = [v for v in chosen if v.name not in records]
     if todo:
         source = bundle_source_checkpoint(opened, checkpoint)  # bench measures fidelity against it
-        references = build_references(source, media, question, decode_tokens, image_tower, video_tower)
+        references = build_references(source, media, question, decode_tokens, image_tower, video_tower,
+                                      proposal_gguf(opened), progress)
         for variant in tqdm(todo, desc="bench", unit="variant", disable=not progress):
             record = bench_variant(opened, variant, paths, references, question, repeats,
                                    decode_tokens, n_threads)

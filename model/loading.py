@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -371,7 +372,8 @@ def _name_keys(keys: list[str], limit: int = 6) -> str:
 
 def load_face_llava(checkpoint_dir: str | Path, image_tower: str | Path | None = None,
                     video_tower: str | Path | None = None, dtype: torch.dtype = torch.float32,
-                    branch_scale: float | None = None, llm: bool = True, check_llm: bool = False) -> FaceLlava:
+                    branch_scale: float | None = None, llm: bool = True, check_llm: bool = False,
+                    towers: Sequence[str] = ("image", "video")) -> FaceLlava:
     """Build a FaceLlava from a checkpoint in the official layout.
 
     Takes the checkpoint directory, optional LanguageBind tower directories (otherwise `mm_image_tower` /
@@ -381,9 +383,13 @@ def load_face_llava(checkpoint_dir: str | Path, image_tower: str | Path | None =
     lazily, shard by shard, straight into the model. With llm=False the LLaMA tensors are neither read nor
     allocated (the decoder stays on the meta device): enough for `encode_image` / `encode_video` and the vision
     export, at a fraction of the memory; `check_llm` then still checks that every LLaMA tensor is there with
-    the shape config.json gives, from the shards' headers (what `inspect` needs at 7B). Returns the model in eval
-    mode, with `tokenizer` set when the checkpoint has a `tokenizer.model`.
+    the shape config.json gives, from the shards' headers (what `inspect` needs at 7B). `towers` names the towers
+    to load; one left out is neither searched for nor read (the model has none: a full-size tower is 1.2-1.6 GB
+    in float32, and the vision export needs one at a time). Returns the model in eval mode, with `tokenizer` set
+    when the checkpoint has a `tokenizer.model`.
     """
+    if unknown := set(towers) - set(TOWER_PREFIXES):
+        raise ValueError(f"unknown towers {sorted(unknown)}; choose from {sorted(TOWER_PREFIXES)}")
     directory = checkpoint_directory(checkpoint_dir)
     config = read_config(directory)
     if branch_scale is not None:
@@ -391,12 +397,14 @@ def load_face_llava(checkpoint_dir: str | Path, image_tower: str | Path | None =
     tokenizer = load_tokenizer(directory, config)  # before any weight is read: a mismatch fails at once
     weights = CheckpointWeights.open(directory)
     found = {kind: _tower_source(kind, explicit, config, directory, weights)
-             for kind, explicit in (("image", image_tower), ("video", video_tower))}
-    towers = {kind: tower for kind, (tower, _search) in found.items()}
+             for kind, explicit in (("image", image_tower), ("video", video_tower)) if kind in towers}
+    tower_sources = {kind: found[kind][0] if kind in found else None for kind in ("image", "video")}
 
     with torch.device("meta"):
-        model = FaceLlava(config, *(t[0] if t else None for t in (towers["image"], towers["video"])))
+        model = FaceLlava(config, *(t[0] if t else None for t in (tower_sources["image"], tower_sources["video"])))
     model.missing_towers = {kind: search.not_found() for kind, (tower, search) in found.items() if tower is None}
+    model.missing_towers.update({kind: f"the {kind} tower was not loaded (load_face_llava towers={tuple(towers)})"
+                                 for kind in ("image", "video") if kind not in towers})
     model.tower_sources = {kind: str(search.directory or f"{TOWER_PREFIXES[kind]}* in {directory}")
                            for kind, (tower, search) in found.items() if tower is not None}
     expected = {name: tensor.shape for name, tensor in model.state_dict().items()
@@ -414,7 +422,7 @@ def load_face_llava(checkpoint_dir: str | Path, image_tower: str | Path | None =
             unexpected.append(key)
         else:
             sources[name] = (weights, key)
-    for kind, tower in towers.items():
+    for kind, tower in tower_sources.items():
         if tower is not None:
             tower_config, keys = tower
             for key, source in _tower_keys_in_use(keys, tower_config.num_used_layers).items():

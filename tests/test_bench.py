@@ -11,7 +11,7 @@ import pytest
 from conftest import write_video
 
 from facellava.calibration import answers, metrics
-from facellava.calibration.bench import pareto_front, run_bench
+from facellava.calibration.bench import build_references, pareto_front, proposal_gguf, run_bench
 from facellava.calibration.eval import evaluate_bundle, read_manifest
 from facellava.cli import main
 from facellava.errors import FaceLlavaError
@@ -76,6 +76,46 @@ def test_bench_rejects_unknown_variant(bundle_copy: Path, tmp_path: Path, capsys
     assert main(["bench", str(bundle_copy), "--out", str(tmp_path), "--variants", "fp16+q4_k_m"]) == 1
     assert "has no variant 'fp16+q4_k_m'" in capsys.readouterr().err
     assert not (tmp_path / "bench.json").exists()
+
+
+def test_bench_reference_streams_the_llm_and_equals_the_whole_model(
+        bundle_copy: Path, tiny_checkpoint: Path, tiny_model, face_photo: Path, tmp_path: Path) -> None:
+    """bench's reference (vision half, then the decoder streamed layer by layer) against the whole model's
+    `encode_image` + `generate_reference` on two images: the same visual tokens, greedy tokens and logits."""
+    import numpy as np
+    import torch
+    from PIL import Image, ImageOps
+
+    from facellava.bundle import Bundle
+    from facellava.calibration.dataset import build_calibration_set
+
+    shutil.copy(face_photo, tmp_path / "a.jpg")
+    with Image.open(face_photo) as image:
+        ImageOps.mirror(image.convert("RGB")).rotate(8).save(tmp_path / "b.jpg")
+    media = build_calibration_set(tmp_path, modalities=("image",), progress=False).samples()
+    assert len(media) == 2
+    question, steps = "Describe the face.", 8
+    gguf = proposal_gguf(Bundle.open(bundle_copy))
+    assert gguf is not None and gguf.name == "llm-f32.gguf"
+    streamed = build_references(tiny_checkpoint, media, question, steps, proposal_gguf=gguf)
+    one_token_a_pass = build_references(tiny_checkpoint, media, question, steps)
+    whole = []
+    with torch.inference_mode():
+        for medium in media:
+            tokens = tiny_model.encode_image(torch.from_numpy(medium.pixel_values),
+                                             torch.from_numpy(medium.landmarks))[0]
+            ids = tiny_model.prompt_ids(question, "image")
+            output = tiny_model.generate_reference(ids, [tokens], max_new_tokens=steps, stop_at_eos=False)
+            whole.append((tokens.numpy(), ids, output.tokens, output.logits.float().numpy()))
+    for reference in (streamed, one_token_a_pass):
+        assert len(reference) == 2
+        for ref, (tokens, ids, greedy, logits) in zip(reference, whole, strict=True):
+            assert ref.input_ids == ids and ref.tokens == greedy and len(greedy) == steps
+            assert np.abs(ref.visual_tokens - tokens).max() < 1e-5
+            assert ref.logits.shape == logits.shape == (steps, tiny_model.config.vocab_size)
+            assert np.abs(ref.logits - logits).max() < 1e-4 * np.abs(logits).max()
+    # the two images give different visual tokens: the comparison is not of one input with itself
+    assert np.abs(streamed[0].visual_tokens - streamed[1].visual_tokens).max() > 1e-2
 
 
 def test_pareto_front() -> None:

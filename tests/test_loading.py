@@ -252,3 +252,23 @@ def test_checking_the_llm_reads_no_llm_tensor(checkpoint_copy, tiny_model):
     with pytest.raises(FaceLlavaError, match=r"has shape \(512, 256\), expected \(768, 256\)"):
         load_face_llava(checkpoint_copy, llm=False, check_llm=True)
     load_face_llava(checkpoint_copy, llm=False)  # without the check the LLM is not looked at
+
+
+def test_loading_one_tower_reads_only_that_one(checkpoint_copy, tiny_model, inputs):
+    """`towers=` (the vision export and bench load one tower at a time): the other tower is neither looked for nor
+    read, so even a missing one does not matter; the loaded one gives the whole model's visual tokens."""
+    from facellava.model.loading import load_face_llava
+
+    image_only = load_face_llava(checkpoint_copy, llm=False, towers=("image",))
+    assert image_only.video_tower is None and "video tower was not loaded" in image_only.no_tower("video")
+    with torch.no_grad():
+        assert torch.equal(image_only.encode_image(inputs["image"], inputs["image_lm"]),
+                           tiny_model.encode_image(inputs["image"], inputs["image_lm"]))
+    video_dirs = [d for d in checkpoint_copy.iterdir() if d.is_dir() and "video" in d.name.lower()]
+    assert video_dirs, "the tiny checkpoint keeps its video tower in a directory of its own"
+    for directory in video_dirs:
+        shutil.rmtree(directory)
+    assert load_face_llava(checkpoint_copy, llm=False, towers=("image",)).image_tower is not None
+    assert "no video tower found" in load_face_llava(checkpoint_copy, llm=False).no_tower("video")
+    with pytest.raises(ValueError, match="unknown towers"):
+        load_face_llava(checkpoint_copy, llm=False, towers=("audio",))
