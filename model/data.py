@@ -32,8 +32,7 @@ import torch
 from facellava import contract
 from facellava.errors import FaceLlavaError
 from facellava.model.modeling import IGNORE_INDEX, spliced_labels
-from facellava.runtime import face
-from facellava.runtime.preprocess import expand2square, preprocess_image, preprocess_video
+from facellava.runtime.medium import LandmarksFileError, prepare_medium
 
 # --- the official training template (conv_vicuna_v1) ----------------------------------------------------------
 
@@ -285,30 +284,20 @@ class ConversationDataset:
         return f"skipped {sum(self.skipped.values())} of {self.total} records: {reasons}"
 
     def load_example(self, record: Record) -> Example:
-        """Read a record's medium and landmarks. Raises UnusableRecord when a file turns out unreadable."""
+        """Read a record's medium and landmarks through the runtime's one input path (`prepare_medium`, the
+        medium taken as the face crop it is: `expand2square` for an image, as the official training does, and
+        landmarks not moved, as in the official code; a video's official 8 frames and their landmark rows).
+        Raises UnusableRecord when a file turns out unreadable."""
         if record.kind is None:
             return Example(record, None, None)
-        landmarks = None
-        if record.landmarks is not None:
-            landmarks = np.load(record.landmarks).astype(np.float32)
-            if not np.isfinite(landmarks).all():
-                raise UnusableRecord("landmarks that are not finite")
         try:
-            if record.kind == "image":
-                # the official training's `expand2square`; landmarks are not moved, as in the official code (for
-                # square face crops, the official data, it changes nothing)
-                pixels = preprocess_image(expand2square(face.load_image(record.media)))
-                if landmarks is not None:
-                    landmarks = landmarks.reshape(contract.NUM_LANDMARKS, 2)
-            else:
-                video = face.read_video(record.media)  # the 8 frames at the official indices
-                if landmarks is not None and len(landmarks) != video.num_frames:
-                    raise UnusableRecord("landmark rows differ from the video's frame count")
-                pixels = preprocess_video(video.frames)
-                if landmarks is not None:
-                    landmarks = landmarks[video.frame_indices]
+            medium = prepare_medium(None, **{record.kind: record.media}, landmarks=record.landmarks,
+                                    no_landmarks=record.landmarks is None, name=str(record.media))
+        except LandmarksFileError as error:
+            # counted by reason: the message without the file's name ("holds NaN or infinite values; ...")
+            reason = str(error).replace(str(record.landmarks), "").strip(" :")
+            raise UnusableRecord(f"landmarks file that cannot be used ({reason})") from None
         except FaceLlavaError:
             raise UnusableRecord(f"{record.kind} file that cannot be decoded") from None
-        if landmarks is not None:
-            landmarks = torch.from_numpy(landmarks / contract.LANDMARK_SCALE)
-        return Example(record, torch.from_numpy(pixels), landmarks)
+        landmarks = None if medium.landmarks is None else torch.from_numpy(medium.landmarks)
+        return Example(record, torch.from_numpy(medium.pixel_values), landmarks)
