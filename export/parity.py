@@ -1,14 +1,14 @@
 """How an exported vision graph is checked: the inputs it is fed, its limits, and running it in ONNX Runtime
 (the figures and the judging are `export.fidelity`'s).
 
-Torch-free (numpy, onnxruntime, and Pillow for the photograph), because both the ONNX export (against PyTorch)
-and the engine build on a device (against ONNX Runtime, where torch is absent) use it. Every check runs on two
-input sets: fresh random tensors and the shipped face photograph with plausible landmarks.
+Torch-free (numpy, onnxruntime, and the runtime's image loading, crop and preprocessing for the photograph),
+because both the ONNX export (against PyTorch) and the engine build on a device (against ONNX Runtime, where torch
+is absent) use it. Every check runs on two input sets: fresh random tensors and the shipped face photograph as the
+runtime's front end crops and landmarks it (its record shipped beside it, so no MediaPipe is needed).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from facellava import contract
 from facellava.errors import FaceLlavaError
 from facellava.export import fidelity
 from facellava.runtime.assets import face_photo
+from facellava.runtime.preprocess import preprocess_image, preprocess_video
 
 MODALITIES: tuple[contract.Modality, ...] = ("image", "video")
 PRECISIONS = ("fp32", "fp16")  # what `export vision` writes
@@ -31,78 +32,87 @@ LIMITS: dict[str, dict[str, float]] = {
     "fp16": {"cosine_min": 0.999},
 }
 RANDOM_BATCH = 2  # not 1, so that every check also exercises the dynamic batch axis
-# A square around the face in the shipped photograph (x0, y0, x1, y1 in its 512x512 pixels), standing in for the
-# MediaPipe crop until the runtime's face front end exists.
-PHOTO_FACE_BOX = (150, 40, 300, 190)
-VIDEO_JITTER_PX = 3  # frame-to-frame shift of the crop window when the photograph stands in for a video
+# When the photograph stands in for a video: eight frames whose window drifts this many pixels per frame (a
+# hand-held camera), each frame the photograph less a margin of 4 steps on every side.
+VIDEO_DRIFT_PX = 3
+# The real front end's crops and landmarks of the shipped photograph (`face_photo_asset`), shipped so that an
+# export needs no MediaPipe; `write_face_photo_asset` makes it again.
+FACE_PHOTO_ASSET = "astronaut_face.npz"
 
 
-def mean_face_landmarks() -> np.ndarray:
-    """A plausible frontal face in the iBUG-68 layout, [68, 2] float32, in crop pixels / 256 (about [0.1, 0.9]).
-
-    Built from simple curves in the order dlib and FAN emit: jaw, eyebrows, nose bridge, nostrils, eyes, outer and
-    inner lips. Not a detector: only inputs of the right layout and range for parity checks.
-    """
-
-    def arc(cx: float, cy: float, rx: float, ry: float, start: float, stop: float, n: int) -> list:
-        return [(cx + rx * math.cos(a), cy + ry * math.sin(a)) for a in np.linspace(start, stop, n)]
-
-    def ring(cx: float, cy: float, rx: float, ry: float, n: int) -> list:  # from the left corner, over the top
-        return [(cx - rx * math.cos(2 * math.pi * i / n), cy - ry * math.sin(2 * math.pi * i / n)) for i in range(n)]
-
-    points = arc(0.5, 0.42, 0.40, 0.50, math.pi, 0.0, 17)  # jaw, left ear over the chin to the right ear
-    points += arc(0.32, 0.36, 0.12, 0.05, math.pi, 2 * math.pi, 5)  # eyebrows
-    points += arc(0.68, 0.36, 0.12, 0.05, math.pi, 2 * math.pi, 5)
-    points += [(0.5, 0.42 + 0.055 * i) for i in range(4)]  # nose bridge
-    points += [(0.42 + 0.04 * i, 0.62 + 0.01 * (2 - abs(i - 2))) for i in range(5)]  # nostrils
-    points += ring(0.33, 0.44, 0.07, 0.025, 6)  # eyes
-    points += ring(0.67, 0.44, 0.07, 0.025, 6)
-    points += ring(0.5, 0.76, 0.13, 0.06, 12)  # lips, outer
-    points += ring(0.5, 0.76, 0.09, 0.02, 8)  # lips, inner
-    landmarks = np.asarray(points, dtype=np.float32)
-    assert landmarks.shape == (contract.NUM_LANDMARKS, 2)
-    return landmarks
+def drifting_frames(rgb: np.ndarray) -> list[np.ndarray]:
+    """A photograph as the 8 frames of a video: windows of it drifting `VIDEO_DRIFT_PX` pixels right and down per
+    frame, every window the same size."""
+    margin = (contract.NUM_FRAMES // 2) * VIDEO_DRIFT_PX
+    height, width = rgb.shape[:2]
+    frames = []
+    for frame in range(contract.NUM_FRAMES):
+        shift = margin + (frame - contract.NUM_FRAMES // 2) * VIDEO_DRIFT_PX
+        frames.append(np.ascontiguousarray(rgb[shift:shift + height - 2 * margin, shift:shift + width - 2 * margin]))
+    return frames
 
 
-def _clip_normalize(image: Any) -> np.ndarray:
-    """A PIL image -> [3, 224, 224] float32: bicubic resize to 224 (the crop is square), CLIP mean and std."""
-    from PIL import Image
+def front_end_record(rgb: np.ndarray) -> dict[str, np.ndarray]:
+    """What the real face front end (MediaPipe's graphs, `FaceFrontEnd()`) makes of a photograph, as arrays: the
+    face box (x, y, width, height) and 68 landmarks (crop pixels / 256) of the image ("image_box",
+    "image_landmarks"), and of its `drifting_frames` as a video ("video_boxes" [8, 4], "video_landmarks"
+    [8, 68, 2]). Needs MediaPipe. Raises FaceLlavaError when no face or no landmarks are found."""
+    from facellava.runtime.face import FaceFrontEnd
 
-    size = contract.IMAGE_SIZE
-    pixels = np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32)
-    pixels = (pixels / 255.0 - np.asarray(contract.CLIP_MEAN, np.float32)) / np.asarray(contract.CLIP_STD, np.float32)
-    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+    with FaceFrontEnd() as front_end:
+        image = front_end.process_image(rgb, name="the face photograph")
+        video = front_end.process_video(drifting_frames(rgb), name="the face photograph as a video")
+    if image.landmarks is None or any(crop.landmarks is None for crop in video):
+        raise FaceLlavaError("the face mesh finds no face in the face photograph; give another photograph")
+    box = lambda b: [b.x, b.y, b.width, b.height]  # noqa: E731
+    return {"image_box": np.int32(box(image.box)), "image_landmarks": image.landmarks.astype(np.float32),
+            "video_boxes": np.int32([box(crop.box) for crop in video]),
+            "video_landmarks": np.stack([crop.landmarks for crop in video]).astype(np.float32)}
+
+
+def write_face_photo_asset(path: str | Path | None = None) -> Path:
+    """Make the shipped photograph's front-end record again (`front_end_record` of runtime/assets/astronaut.jpg,
+    with the photograph's sha256) and write it as an .npz, by default over the shipped asset; returns its path.
+    Run `python -c "from facellava.export.parity import write_face_photo_asset; write_face_photo_asset()"` after
+    a change to the front end (tests/test_parity_asset.py says when)."""
+    from facellava.runtime.face import load_image
+
+    target = Path(path) if path is not None else face_photo().parent / FACE_PHOTO_ASSET
+    record = front_end_record(load_image(face_photo()))
+    with open(target, "wb") as handle:
+        np.savez(handle, photo_sha256=np.str_(contract.file_sha256(face_photo())), **record)
+    return target
+
+
+def face_photo_asset() -> dict[str, np.ndarray]:
+    """The shipped photograph's front-end record (`front_end_record`), read from runtime/assets."""
+    with np.load(face_photo().parent / FACE_PHOTO_ASSET, allow_pickle=False) as shipped:
+        return {name: shipped[name] for name in shipped.files}
 
 
 def face_photo_inputs(modality: contract.Modality, with_landmarks: bool, photo: str | Path | None = None
                       ) -> dict[str, np.ndarray]:
-    """The real photograph as one graph input (batch 1): the face square cropped, resized to the 256 crop,
-    CLIP-normalized at 224; with landmarks, `mean_face_landmarks` on that crop. For video, eight crops whose
-    window drifts a few pixels per frame (a hand-held camera), the landmarks moving with the face.
-    Raises FaceLlavaError when the photograph cannot be read."""
-    from PIL import Image, UnidentifiedImageError
+    """A real photograph as one graph input (batch 1), made as the runtime makes it: the front end's official
+    face crop, preprocessed by `runtime.preprocess`, with the front end's 68 landmarks. For video, the
+    photograph's `drifting_frames`. The shipped photograph's boxes and landmarks come from its shipped record
+    (no MediaPipe needed); another photograph runs the front end (MediaPipe). Raises FaceLlavaError when the
+    photograph cannot be read or holds no face."""
+    from facellava.runtime.face import FaceBox, load_image, official_crop
 
     path = Path(photo) if photo is not None else face_photo()
-    try:
-        image = Image.open(path)
-        image.load()
-    except (OSError, UnidentifiedImageError) as error:
-        raise FaceLlavaError(f"cannot read the face photograph {path}: {error}") from None
-    frames = 1 if modality == "image" else contract.NUM_FRAMES
-    x0, y0, x1, y1 = PHOTO_FACE_BOX
-    side = x1 - x0
-    pixels, landmarks = [], []
-    for frame in range(frames):
-        dx = dy = 0 if frames == 1 else (frame - frames // 2) * VIDEO_JITTER_PX
-        crop = image.crop((x0 + dx, y0 + dy, x1 + dx, y1 + dy)).resize(
-            (contract.FACE_CROP_SIZE, contract.FACE_CROP_SIZE), Image.Resampling.BICUBIC)
-        pixels.append(_clip_normalize(crop))
-        # the face moves by -d in the window; in landmark units (crop pixels / 256) that is -d / side
-        landmarks.append(mean_face_landmarks() - np.float32([dx, dy]) / side)
+    rgb = load_image(path)
+    shipped = face_photo_asset()
+    if contract.file_sha256(path) == str(shipped["photo_sha256"]):
+        record = shipped
+    else:
+        record = front_end_record(rgb)
     if modality == "image":
-        inputs = {"pixel_values": pixels[0][None], "landmarks": landmarks[0][None]}
+        crop = official_crop(rgb, FaceBox(*(int(v) for v in record["image_box"]), score=1.0))
+        inputs = {"pixel_values": preprocess_image(crop)[None], "landmarks": record["image_landmarks"][None]}
     else:  # [B, C, T, H, W] as the official video processor lays it out
-        inputs = {"pixel_values": np.stack(pixels, axis=1)[None], "landmarks": np.stack(landmarks)[None]}
+        crops = [official_crop(frame, FaceBox(*(int(v) for v in box), score=1.0))
+                 for frame, box in zip(drifting_frames(rgb), record["video_boxes"], strict=True)]
+        inputs = {"pixel_values": preprocess_video(crops)[None], "landmarks": record["video_landmarks"][None]}
     if not with_landmarks:
         del inputs["landmarks"]
     return {name: np.ascontiguousarray(value, dtype=np.float32) for name, value in inputs.items()}

@@ -415,14 +415,3 @@ def test_cuda_execution_provider_parity(vision_bundle, tiny_model):
         figures = fidelity.compare(session.run(["visual_tokens"], feed)[0], _reference(tiny_model, "video", feed))
         assert _meets_threshold(figures, precision), figures
 
-
-# --- the parity inputs themselves -----------------------------------------------------------------------------
-
-
-def test_mean_face_landmarks_are_a_plausible_face():
-    points = parity.mean_face_landmarks()
-    regions = {name: points[start:stop].mean(0) for name, start, stop in contract.LANDMARK_REGIONS}
-    assert ((points > 0.05) & (points < 0.95)).all()
-    assert regions["eye1"][0] < regions["nose"][0] < regions["eye2"][0]  # left eye, nose, right eye
-    assert regions["eyebrow1"][1] < regions["eye1"][1] < regions["nostril"][1] < regions["lips"][1]
-    assert points[8, 1] == points[:, 1].max()  # the chin is the lowest point
