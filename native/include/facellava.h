@@ -1,0 +1,94 @@
+/* libfacellava: answer questions about a face photo or video from an exported Face-LLaVA bundle, without Python.
+ *
+ * A small C ABI over the C++ runner: open a bundle once, ask as many questions as needed, close it. Every function
+ * that can fail returns NULL (or non-zero) and sets *error to a one-line message (free it with facellava_free);
+ * the message says what is wrong and what to do. Answers are JSON objects in the Python CLI's --json format.
+ *
+ *     facellava_options options;
+ *     facellava_options_default(&options);
+ *     char* error = NULL;
+ *     facellava_runner* runner = facellava_open("bundle", &options, &error);
+ *     facellava_request request;
+ *     facellava_request_default(&request);
+ *     request.image = "face.jpg"; request.no_face_crop = 1; request.no_landmarks = 1;
+ *     char* answer = facellava_ask(runner, "How old is this person?", &request, print_piece, NULL, &error);
+ *     facellava_free(answer);
+ *     facellava_close(runner);
+ */
+#ifndef FACELLAVA_H
+#define FACELLAVA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define FACELLAVA_ABI_VERSION 1
+
+#if defined(__GNUC__)
+#define FACELLAVA_EXPORT __attribute__((visibility("default")))
+#else
+#define FACELLAVA_EXPORT
+#endif
+
+typedef struct facellava_runner facellava_runner;
+
+typedef struct facellava_options {
+    const char* llm_type;         /* GGUF type, e.g. "q4_k_m"; NULL: the most precise in the bundle */
+    const char* vision_precision; /* "fp32" (default), "fp16" or "int8" */
+    int n_ctx;                    /* the LLM's context in tokens (4096) */
+    int n_threads;                /* decode threads; 0: every usable core */
+    int n_threads_batch;          /* prefill threads; 0: every usable core */
+    int poll;                     /* 0-100: how hard idle threads busy-wait (0) */
+    int kv_cache_f32;             /* 1: an F32 KV cache; 0: F16 (llama.cpp's default) */
+    int flash_attn;               /* -1 auto (default), 0 off, 1 on */
+    int n_gpu_layers;             /* LLM layers on the GPU where llama.cpp has one (0) */
+} facellava_options;
+
+typedef struct facellava_request {
+    const char* image;         /* a photograph, or NULL */
+    const char* video;         /* a video (8 frames taken as the official processor does), or NULL */
+    const char* landmarks_npy; /* precomputed 68-point landmarks (official .npy), or NULL */
+    int no_landmarks;          /* 1: run without FRLP/FRGCA */
+    int no_face_crop;          /* 1: the whole image padded to a square (required until the front end is native) */
+    int max_tokens;            /* 256 */
+    float temperature;         /* 0: greedy (default) */
+    float top_p;               /* 1: off */
+    int top_k;                 /* 0: off */
+    uint32_t seed;
+} facellava_request;
+
+/* Called with each piece of the answer's text (UTF-8, never a character cut in two); return 0 to stop early. */
+typedef int (*facellava_piece_fn)(const char* piece, size_t size, void* user_data);
+
+FACELLAVA_EXPORT void facellava_options_default(facellava_options* options);
+FACELLAVA_EXPORT void facellava_request_default(facellava_request* request);
+
+/* Open a bundle: its manifest checked, the GGUF verified (sha256) and loaded. NULL and *error on failure. */
+FACELLAVA_EXPORT facellava_runner* facellava_open(const char* bundle, const facellava_options* options, char** error);
+
+/* Answer one question. Returns the answer as a JSON object (free with facellava_free), or NULL and *error. */
+FACELLAVA_EXPORT char* facellava_ask(facellava_runner* runner, const char* question, const facellava_request* request,
+                    facellava_piece_fn on_piece, void* user_data, char** error);
+
+/* The one-line reason the question or request is refused (an empty question, max_tokens < 1, a sampling value out
+ * of range, or what this build cannot serve yet), or NULL when it is fine: the checks facellava_ask makes, without a
+ * bundle, so a caller can refuse before loading one. Free the message with facellava_free. */
+FACELLAVA_EXPORT char* facellava_check(const char* question, const facellava_request* request);
+
+/* The vision graph's pixel values for the request's medium, preprocessed the official way (no bundle needed):
+ * float32 [3, 224, 224] for an image, [3, 8, 224, 224] for a video, in a buffer to free with facellava_free.
+ * Returns NULL and *error for a medium that cannot be read or a request this build cannot serve. */
+FACELLAVA_EXPORT float* facellava_preprocess(const facellava_request* request, size_t* count, char** error);
+
+FACELLAVA_EXPORT void facellava_close(facellava_runner* runner);
+FACELLAVA_EXPORT void facellava_free(void* memory);
+FACELLAVA_EXPORT const char* facellava_version(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* FACELLAVA_H */

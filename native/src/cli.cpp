@@ -1,0 +1,190 @@
+// facellava-native: `facellava run` without Python, through libfacellava's C ABI.
+//
+//   facellava-native BUNDLE (--image P | --video P) [--landmarks NPY | --no-landmarks] [--no-face-crop] [--json]
+//                    [--max-tokens N] "QUESTION"
+//
+// Streams the answer to stdout, then a summary line (or with --json one JSON object, the Python CLI's format).
+// A user error is one line on stderr and exit status 1; a usage error exit status 2.
+#include <cerrno>
+#include <climits>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "facellava.h"
+
+namespace {
+
+const char* USAGE =
+    "usage: facellava-native BUNDLE (--image P | --video P) [--landmarks NPY | --no-landmarks] [--no-face-crop]\n"
+    "                        [--json] [--max-tokens N] [--llm TYPE] [--vision-precision P] [--n-ctx N]\n"
+    "                        [--kv-cache f16|f32] [--flash-attn auto|on|off] [--threads N] [--threads-batch N]\n"
+    "                        [--poll 0-100] [--temperature T] [--top-p P] [--top-k K] [--seed S] QUESTION\n"
+    "\n"
+    "Answer a question about a photo or a video with an exported bundle, as `facellava run` does.\n"
+    "Face detection and face-mesh landmarks need the bundle's front-end graphs, not yet run natively: give\n"
+    "--no-face-crop (the whole image padded to a square) with --landmarks NPY or --no-landmarks.\n";
+
+struct UsageError {
+    std::string message;
+};
+
+long parse_int(const std::string& option, const std::string& text, long low, long high) {
+    char* end = nullptr;
+    errno = 0;
+    long value = std::strtol(text.c_str(), &end, 10);
+    if (text.empty() || *end != '\0' || errno != 0 || value < low || value > high)
+        throw UsageError{"argument " + option + ": invalid int value: '" + text + "'"};
+    return value;
+}
+
+float parse_float(const std::string& option, const std::string& text) {
+    char* end = nullptr;
+    float value = std::strtof(text.c_str(), &end);
+    if (text.empty() || *end != '\0') throw UsageError{"argument " + option + ": invalid float value: '" + text + "'"};
+    return value;
+}
+
+int print_piece(const char* piece, size_t size, void*) {
+    std::fwrite(piece, 1, size, stdout);
+    std::fflush(stdout);
+    return 1;
+}
+
+int fail(const char* message) {
+    std::fprintf(stderr, "facellava-native: error: %s\n", message);
+    return 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    facellava_options options;
+    facellava_options_default(&options);
+    facellava_request request;
+    facellava_request_default(&request);
+    std::vector<std::string> positional;
+    bool json = false;
+    std::string llm_type, precision = "fp32", image, video, landmarks;
+    try {
+        for (int i = 1; i < argc; ++i) {
+            std::string arg = argv[i];
+            std::string value;
+            bool has_value = false;
+            if (arg.rfind("--", 0) == 0 && arg.find('=') != std::string::npos) {
+                value = arg.substr(arg.find('=') + 1);
+                arg = arg.substr(0, arg.find('='));
+                has_value = true;
+            }
+            auto next = [&]() -> std::string {
+                if (has_value) return value;
+                if (i + 1 >= argc) throw UsageError{"argument " + arg + ": expected one argument"};
+                return argv[++i];
+            };
+            if (arg == "-h" || arg == "--help") {
+                std::fputs(USAGE, stdout);
+                return 0;
+            } else if (arg == "--image") {
+                image = next();
+            } else if (arg == "--video") {
+                video = next();
+            } else if (arg == "--landmarks") {
+                landmarks = next();
+            } else if (arg == "--no-landmarks") {
+                request.no_landmarks = 1;
+            } else if (arg == "--no-face-crop") {
+                request.no_face_crop = 1;
+            } else if (arg == "--json") {
+                json = true;
+            } else if (arg == "--max-tokens") {
+                request.max_tokens = static_cast<int>(parse_int(arg, next(), INT_MIN, INT_MAX));
+            } else if (arg == "--llm") {
+                llm_type = next();
+            } else if (arg == "--vision-precision") {
+                precision = next();
+            } else if (arg == "--n-ctx") {
+                options.n_ctx = static_cast<int>(parse_int(arg, next(), INT_MIN, INT_MAX));
+            } else if (arg == "--kv-cache") {
+                std::string v = next();
+                if (v != "f16" && v != "f32") throw UsageError{"argument --kv-cache: invalid choice: '" + v + "' (choose from 'f16', 'f32')"};
+                options.kv_cache_f32 = v == "f32";
+            } else if (arg == "--flash-attn") {
+                std::string v = next();
+                if (v != "auto" && v != "on" && v != "off")
+                    throw UsageError{"argument --flash-attn: invalid choice: '" + v + "' (choose from 'auto', 'on', 'off')"};
+                options.flash_attn = v == "auto" ? -1 : v == "on" ? 1 : 0;
+            } else if (arg == "--threads") {
+                options.n_threads = static_cast<int>(parse_int(arg, next(), 1, 4096));
+            } else if (arg == "--threads-batch") {
+                options.n_threads_batch = static_cast<int>(parse_int(arg, next(), 1, 4096));
+            } else if (arg == "--poll") {
+                options.poll = static_cast<int>(parse_int(arg, next(), 0, 100));
+            } else if (arg == "--temperature") {
+                request.temperature = parse_float(arg, next());
+            } else if (arg == "--top-p") {
+                request.top_p = parse_float(arg, next());
+            } else if (arg == "--top-k") {
+                request.top_k = static_cast<int>(parse_int(arg, next(), 0, INT_MAX));
+            } else if (arg == "--seed") {
+                request.seed = static_cast<uint32_t>(parse_int(arg, next(), 0, 4294967294L));
+            } else if (arg.size() > 1 && arg[0] == '-' && arg != "-") {
+                throw UsageError{"unrecognized arguments: " + arg};
+            } else {
+                positional.push_back(argv[i]);
+            }
+        }
+        if (positional.size() != 2) throw UsageError{"give BUNDLE and QUESTION (see --help)"};
+        if (image.empty() == video.empty()) throw UsageError{"one of the arguments --image --video is required"};
+        if (!landmarks.empty() && request.no_landmarks)
+            throw UsageError{"argument --no-landmarks: not allowed with argument --landmarks"};
+    } catch (const UsageError& error) {
+        std::fprintf(stderr, "facellava-native: error: %s\n", error.message.c_str());
+        return 2;
+    }
+    request.image = image.empty() ? nullptr : image.c_str();
+    request.video = video.empty() ? nullptr : video.c_str();
+    request.landmarks_npy = landmarks.empty() ? nullptr : landmarks.c_str();
+    options.llm_type = llm_type.empty() ? nullptr : llm_type.c_str();
+    options.vision_precision = precision.c_str();
+
+    const std::string& question = positional[1];
+    if (char* refused = facellava_check(question.c_str(), &request)) {  // before the bundle is loaded
+        int status = fail(refused);
+        facellava_free(refused);
+        return status;
+    }
+    char* error = nullptr;
+    facellava_runner* runner = facellava_open(positional[0].c_str(), &options, &error);
+    if (runner == nullptr) {
+        int status = fail(error);
+        facellava_free(error);
+        return status;
+    }
+    char* answer = facellava_ask(runner, question.c_str(), &request, json ? nullptr : print_piece, nullptr, &error);
+    int status = 0;
+    if (answer == nullptr) {
+        status = fail(error);
+        facellava_free(error);
+    } else if (json) {
+        std::printf("%s\n", answer);
+    } else {
+        auto parsed = nlohmann::json::parse(answer);
+        const auto& t = parsed["timings"];
+        std::printf("\n[%s, landmarks: %s, vision: %s, %zu tokens, %s] face %.1f ms | landmarks %.1f ms | "
+                    "preprocessing %.1f ms | vision %.1f ms | time to first token %.1f ms | decode %.1f tokens/s | "
+                    "total %.1f ms\n",
+                    parsed["modality"].get<std::string>().c_str(), parsed["landmarks"].get<std::string>().c_str(),
+                    parsed["vision_backend"].get<std::string>().c_str(), parsed["tokens"].size(),
+                    parsed["finish_reason"].get<std::string>().c_str(), t["face_detection_ms"].get<double>(),
+                    t["landmarks_ms"].get<double>(), t["preprocessing_ms"].get<double>(), t["vision_ms"].get<double>(),
+                    t["time_to_first_token_ms"].get<double>(), t["decode_tokens_per_s"].get<double>(),
+                    t["total_ms"].get<double>());
+    }
+    facellava_free(answer);
+    facellava_close(runner);
+    return status;
+}

@@ -1,0 +1,194 @@
+#include "vision.hpp"
+
+#include <onnxruntime_cxx_api.h>
+
+#include <set>
+
+#include "contract_generated.hpp"
+#include "errors.hpp"
+
+namespace facellava {
+
+struct OnnxVision::Graph {
+    std::string name;
+    Ort::Session session{nullptr};
+};
+
+namespace {
+
+std::string first_line(const std::string& text, std::size_t limit = 300) {
+    std::string line = text.substr(0, text.find('\n'));
+    return line.size() <= limit ? line : line.substr(0, limit) + "...";
+}
+
+std::string shape_text(const std::vector<std::int64_t>& shape) {
+    std::string out = "[";
+    for (std::size_t i = 0; i < shape.size(); ++i) out += (i ? "," : "") + (shape[i] < 0 ? "?" : std::to_string(shape[i]));
+    return out + "]";
+}
+
+// contract.vision_graph_io: {name: shape}, -1 where the contract leaves the dimension open (batch, width)
+std::map<std::string, std::vector<std::int64_t>> contract_io(Modality modality, bool landmarks, bool inputs) {
+    std::vector<std::int64_t> frames;
+    std::int64_t tokens = contract::IMAGE_TOKENS;
+    if (modality == Modality::video) {
+        frames = {contract::NUM_FRAMES};
+        tokens = contract::VIDEO_FRAME_TOKENS;
+    }
+    std::map<std::string, std::vector<std::int64_t>> io;
+    if (inputs) {
+        std::vector<std::int64_t> pixels = {-1, 3};
+        pixels.insert(pixels.end(), frames.begin(), frames.end());
+        pixels.insert(pixels.end(), {contract::IMAGE_SIZE, contract::IMAGE_SIZE});
+        io[contract::VISION_INPUTS[0]] = pixels;
+        if (landmarks) {
+            std::vector<std::int64_t> points = {-1};
+            points.insert(points.end(), frames.begin(), frames.end());
+            points.insert(points.end(), {contract::NUM_LANDMARKS, 2});
+            io[contract::VISION_INPUTS[1]] = points;
+        }
+    } else {
+        std::vector<std::int64_t> out = {-1};
+        out.insert(out.end(), frames.begin(), frames.end());
+        out.insert(out.end(), {tokens, -1});
+        io[contract::VISION_OUTPUT] = out;
+    }
+    return io;
+}
+
+std::string vision_file(const Bundle& bundle, Modality modality, const std::string& precision, bool landmarks) {
+    auto names = bundle.find("vision", {{"modality", modality_name(modality)}, {"precision", precision},
+                                        {"landmarks", landmarks}});
+    if (!names.empty()) return names.front();
+    std::set<std::string> have;
+    for (const auto& [name, entry] : bundle.files().items()) {
+        if (entry.value("kind", "") != "vision") continue;
+        have.insert(entry.value("modality", "?") + "/" + entry.value("precision", "?") + "/" +
+                    (entry.value("landmarks", false) ? "landmarks" : "no landmarks"));
+    }
+    std::string listed;
+    for (const auto& item : have) listed += (listed.empty() ? "" : ", ") + item;
+    std::string m = modality_name(modality);
+    throw Error(bundle.root().string() + " has no " + precision + " " + m + " vision graph " +
+                (landmarks ? "with" : "without") + " landmarks (it has: " + (listed.empty() ? "none" : listed) +
+                "); export one with `facellava export vision --modalities " + m + " --precision " + precision + "`");
+}
+
+}  // namespace
+
+OnnxVision::OnnxVision(const Bundle& bundle, std::string precision)
+    : bundle_(bundle), precision_(std::move(precision)), env_(std::make_unique<Ort::Env>(ORT_LOGGING_LEVEL_ERROR, "facellava")) {}
+
+OnnxVision::~OnnxVision() = default;
+
+OnnxVision::Graph& OnnxVision::graph(Modality modality, bool landmarks) {
+    auto key = std::make_pair(static_cast<int>(modality), landmarks);
+    auto found = graphs_.find(key);
+    if (found != graphs_.end()) return *found->second;
+    auto graph = std::make_unique<Graph>();
+    graph->name = vision_file(bundle_, modality, precision_, landmarks);
+    std::string path = bundle_.path_of(graph->name).string();
+    Ort::SessionOptions options;
+    options.SetLogSeverityLevel(3);
+    // ORT's worker threads otherwise spin after each run and take the cores llama.cpp decodes on
+    options.AddConfigEntry("session.intra_op.allow_spinning", "0");
+    try {
+        graph->session = Ort::Session(*env_, path.c_str(), options);
+    } catch (const Ort::Exception& error) {
+        throw Error("ONNX Runtime cannot load " + graph->name + " from " + bundle_.root().string() + " (" +
+                    first_line(error.what()) + "); export the bundle again");
+    }
+    // the graph's inputs and outputs against the contract (runtime/vision.py's check_vision_io)
+    std::string variant = std::string("the contract's ") + modality_name(modality) + " vision graph " +
+                          (landmarks ? "with" : "without") + " landmarks";
+    std::vector<std::string> problems;
+    for (bool inputs : {true, false}) {
+        auto want = contract_io(modality, landmarks, inputs);
+        std::map<std::string, std::pair<std::vector<std::int64_t>, ONNXTensorElementDataType>> have;
+        std::size_t count = inputs ? graph->session.GetInputCount() : graph->session.GetOutputCount();
+        Ort::AllocatorWithDefaultOptions allocator;
+        for (std::size_t i = 0; i < count; ++i) {
+            auto name = inputs ? graph->session.GetInputNameAllocated(i, allocator)
+                               : graph->session.GetOutputNameAllocated(i, allocator);
+            auto info = inputs ? graph->session.GetInputTypeInfo(i) : graph->session.GetOutputTypeInfo(i);
+            if (info.GetONNXType() != ONNX_TYPE_TENSOR) {
+                have[name.get()] = {{}, ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED};
+                continue;
+            }
+            auto tensor = info.GetTensorTypeAndShapeInfo();
+            have[name.get()] = {tensor.GetShape(), tensor.GetElementType()};
+        }
+        std::set<std::string> want_names, have_names;
+        for (const auto& item : want) want_names.insert(item.first);
+        for (const auto& item : have) have_names.insert(item.first);
+        if (want_names != have_names) {
+            problems.push_back(std::string(inputs ? "inputs" : "outputs") + " differ from the contract's");
+            continue;
+        }
+        for (const auto& [name, shape] : want) {
+            const auto& [have_shape, type] = have[name];
+            bool same = have_shape.size() == shape.size();
+            for (std::size_t d = 0; same && d < shape.size(); ++d)
+                if (shape[d] >= 0 && have_shape[d] >= 0 && shape[d] != have_shape[d]) same = false;
+            if (!same) problems.push_back(name + " " + shape_text(have_shape) + ", expected " + shape_text(shape));
+            else if (type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) problems.push_back(name + " is not float32");
+        }
+    }
+    if (!problems.empty()) {
+        std::string joined;
+        for (const auto& p : problems) joined += (joined.empty() ? "" : "; ") + p;
+        throw Error(graph->name + " is not " + variant + " (" + joined + "); export the bundle again");
+    }
+    return *graphs_.emplace(key, std::move(graph)).first->second;
+}
+
+VisualTokens OnnxVision::encode(Modality modality, const std::vector<float>& pixel_values,
+                                const std::vector<float>* landmarks) {
+    Graph& g = graph(modality, landmarks != nullptr);
+    bool video = modality == Modality::video;
+    std::vector<std::int64_t> pixel_shape = {1, 3};
+    if (video) pixel_shape.push_back(contract::NUM_FRAMES);
+    pixel_shape.insert(pixel_shape.end(), {contract::IMAGE_SIZE, contract::IMAGE_SIZE});
+    std::vector<std::int64_t> landmark_shape = {1};
+    if (video) landmark_shape.push_back(contract::NUM_FRAMES);
+    landmark_shape.insert(landmark_shape.end(), {contract::NUM_LANDMARKS, 2});
+    auto memory = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
+    std::vector<Ort::Value> inputs;
+    std::vector<const char*> names = {contract::VISION_INPUTS[0]};
+    inputs.push_back(Ort::Value::CreateTensor<float>(memory, const_cast<float*>(pixel_values.data()), pixel_values.size(),
+                                                     pixel_shape.data(), pixel_shape.size()));
+    if (landmarks != nullptr) {
+        names.push_back(contract::VISION_INPUTS[1]);
+        inputs.push_back(Ort::Value::CreateTensor<float>(memory, const_cast<float*>(landmarks->data()), landmarks->size(),
+                                                         landmark_shape.data(), landmark_shape.size()));
+    }
+    const char* output_name = contract::VISION_OUTPUT;
+    std::vector<Ort::Value> outputs;
+    try {
+        outputs = g.session.Run(Ort::RunOptions{nullptr}, names.data(), inputs.data(), inputs.size(), &output_name, 1);
+    } catch (const Ort::Exception& error) {
+        throw Error("ONNX Runtime failed to run " + g.name + " (" + first_line(error.what()) + "); export the bundle again");
+    }
+    auto info = outputs[0].GetTensorTypeAndShapeInfo();
+    std::vector<std::int64_t> shape = info.GetShape();
+    std::vector<std::int64_t> want = {1};
+    if (video) want.push_back(contract::NUM_FRAMES);
+    want.push_back(video ? contract::VIDEO_FRAME_TOKENS : contract::IMAGE_TOKENS);
+    bool same = shape.size() == want.size() + 1 && shape.back() > 0;
+    for (std::size_t d = 0; same && d < want.size(); ++d) same = shape[d] == want[d];
+    if (!same || info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+        std::vector<std::int64_t> expected = want;
+        expected.push_back(-1);
+        throw Error(g.name + " returned visual tokens of shape " + shape_text(shape) + ", expected " +
+                    shape_text(expected) + "; export the bundle again");
+    }
+    VisualTokens tokens;
+    tokens.blocks = video ? contract::NUM_FRAMES : 1;
+    tokens.tokens = static_cast<int>(want.back());
+    tokens.width = static_cast<int>(shape.back());
+    const float* data = outputs[0].GetTensorData<float>();
+    tokens.values.assign(data, data + info.GetElementCount());
+    return tokens;
+}
+
+}  // namespace facellava

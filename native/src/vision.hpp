@@ -1,0 +1,48 @@
+// The vision graph on ONNX Runtime (CPU): the bundle's graph for the modality, precision and landmark use that
+// runtime/vision.py picks, checked against the contract's inputs and outputs, run on the preprocessed pixels.
+#pragma once
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "bundle.hpp"
+#include "media.hpp"
+
+namespace Ort {
+struct Env;
+struct Session;
+}  // namespace Ort
+
+namespace facellava {
+
+// Visual tokens of one medium: `blocks` blocks (1 image, 8 video frames) of `tokens` rows of `width` floats.
+struct VisualTokens {
+    int blocks = 0;
+    int tokens = 0;
+    int width = 0;
+    std::vector<float> values;
+    const float* block(int i) const { return values.data() + static_cast<std::size_t>(i) * tokens * width; }
+};
+
+class OnnxVision {
+  public:
+    OnnxVision(const Bundle& bundle, std::string precision = "fp32");
+    ~OnnxVision();
+    OnnxVision(const OnnxVision&) = delete;
+    OnnxVision& operator=(const OnnxVision&) = delete;
+
+    // pixel values [1,3,224,224] or [1,3,8,224,224]; landmarks [1,68,2] or [1,8,68,2] (crop pixels / 256), or none
+    VisualTokens encode(Modality modality, const std::vector<float>& pixel_values, const std::vector<float>* landmarks);
+    const char* name() const { return "onnxruntime"; }
+
+  private:
+    struct Graph;
+    Graph& graph(Modality modality, bool landmarks);
+    const Bundle& bundle_;
+    std::string precision_;
+    std::unique_ptr<Ort::Env> env_;
+    std::map<std::pair<int, bool>, std::unique_ptr<Graph>> graphs_;
+};
+
+}  // namespace facellava
