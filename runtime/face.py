@@ -455,8 +455,9 @@ class MediaPipeGraphs:
             import mediapipe as mp  # imported here so that loading images and videos does not pay for it
             from mediapipe.tasks.python import BaseOptions, vision
         except ImportError:
-            raise FaceLlavaError("the bundle has no front-end graphs and MediaPipe is not installed: add them with "
-                                 "`facellava export front-end --bundle DIR`") from None
+            raise FaceLlavaError("the MediaPipe face front end needs the mediapipe package (the dev or train extra); "
+                                 "or use the bundle's front-end graphs (`facellava export front-end --bundle DIR`)"
+                                 ) from None
 
         detection = mp.solutions.face_detection
         with _quiet_native_stderr():
