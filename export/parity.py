@@ -18,7 +18,7 @@ import numpy as np
 from facellava import contract
 from facellava.errors import FaceLlavaError
 from facellava.export import fidelity
-from facellava.runtime.assets import face_photo
+from facellava.runtime.assets import face_photo, face_photo_record
 from facellava.runtime.preprocess import preprocess_image, preprocess_video
 
 MODALITIES: tuple[contract.Modality, ...] = ("image", "video")
@@ -35,8 +35,8 @@ RANDOM_BATCH = 2  # not 1, so that every check also exercises the dynamic batch 
 # When the photograph stands in for a video: eight frames whose window drifts this many pixels per frame (a
 # hand-held camera), each frame the photograph less a margin of 4 steps on every side.
 VIDEO_DRIFT_PX = 3
-# The real front end's crops and landmarks of the shipped photograph (`face_photo_asset`), shipped so that an
-# export needs no MediaPipe; `write_face_photo_asset` makes it again.
+# The real front end's boxes and landmarks of the shipped photograph (`assets.face_photo_record`), shipped so that
+# an export needs no MediaPipe; `write_face_photo_asset` makes it again.
 FACE_PHOTO_ASSET = "astronaut_face.npz"
 
 
@@ -84,12 +84,6 @@ def write_face_photo_asset(path: str | Path | None = None) -> Path:
     return target
 
 
-def face_photo_asset() -> dict[str, np.ndarray]:
-    """The shipped photograph's front-end record (`front_end_record`), read from runtime/assets."""
-    with np.load(face_photo().parent / FACE_PHOTO_ASSET, allow_pickle=False) as shipped:
-        return {name: shipped[name] for name in shipped.files}
-
-
 def face_photo_inputs(modality: contract.Modality, with_landmarks: bool, photo: str | Path | None = None
                       ) -> dict[str, np.ndarray]:
     """A real photograph as one graph input (batch 1), made as the runtime makes it: the front end's official
@@ -101,7 +95,7 @@ def face_photo_inputs(modality: contract.Modality, with_landmarks: bool, photo: 
 
     path = Path(photo) if photo is not None else face_photo()
     rgb = load_image(path)
-    shipped = face_photo_asset()
+    shipped = face_photo_record()
     if contract.file_sha256(path) == str(shipped["photo_sha256"]):
         record = shipped
     else:

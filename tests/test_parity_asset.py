@@ -14,6 +14,7 @@ import pytest
 
 from facellava import contract
 from facellava.export import parity
+from facellava.runtime.assets import face_photo_record
 from facellava.runtime.preprocess import preprocess_image, preprocess_video
 
 # The face mesh on the same pixels gives the same points on one machine; across MediaPipe builds and CPUs they may
@@ -28,7 +29,7 @@ def made_now(photo: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def test_the_shipped_record_is_what_the_front_end_makes(made_now, face_photo: Path):
-    shipped = parity.face_photo_asset()
+    shipped = face_photo_record()
     assert str(shipped["photo_sha256"]) == contract.file_sha256(face_photo)
     for name in ("image_box", "video_boxes"):  # detection: exactly the same boxes
         np.testing.assert_array_equal(shipped[name], made_now[name], err_msg=f"{name}: run write_face_photo_asset()")
@@ -68,7 +69,7 @@ def test_another_photograph_runs_the_front_end(photo: np.ndarray, tmp_path: Path
     Image.fromarray(photo[:, ::-1]).save(mirrored)
     inputs = parity.face_photo_inputs("image", True, mirrored)
     # the mirrored face: its landmarks are the shipped ones mirrored, renumbered, within the face mesh's noise
-    shipped = parity.face_photo_asset()["image_landmarks"]
+    shipped = face_photo_record()["image_landmarks"]
     expected = np.stack([1 - shipped[:, 0], shipped[:, 1]], axis=1)[list(contract.IBUG68_MIRROR)]
     assert np.abs(inputs["landmarks"][0] - expected).mean() < 0.02
 
@@ -84,3 +85,22 @@ def test_the_export_inputs_need_no_mediapipe():
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[:3] == ["image (1, 3, 224, 224) (1, 68, 2)",
                                             "video (1, 3, 8, 224, 224) (1, 8, 68, 2)", "False"]
+
+
+def test_the_synthetic_data_carries_the_same_landmarks(front_end, photo: np.ndarray):
+    """model/synthetic.py draws its views around the shipped record's face and can carry its landmarks through
+    each augmentation instead of running the face mesh: both agree with the front end on the augmented crop
+    (mirrored crops renumbered by the contract's mirror table) to about 1 % of the eye distance."""
+    from facellava.model import synthetic
+
+    box, _ = synthetic.photo_face()
+    np.testing.assert_array_equal(box[:2], face_photo_record()["image_box"][:2])
+    rng = np.random.default_rng(3)
+    for flip in (False, True, False, True):
+        view = {**synthetic._random_view(rng, box), "flip": flip}
+        affine = synthetic.crop_affine(view["centre"], view["side"], view["angle"], view["flip"])
+        crop = synthetic.warp(photo, affine, view["brightness"])
+        carried = synthetic.carried_landmarks(crop, affine)
+        found = front_end.landmarks(crop) * contract.LANDMARK_SCALE
+        eyes = np.linalg.norm(carried[45] - carried[36])
+        assert np.linalg.norm(carried - found, axis=1).mean() < 0.03 * eyes, (flip, view)
