@@ -18,9 +18,11 @@ file has passed; an error or an interrupt leaves the bundle as it was.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -49,6 +51,7 @@ EXTERNAL_DATA_THRESHOLD = 1 << 30
 # Ops the FP16 graph keeps in FP32: normalization statistics and softmax sums overflow or lose too much in FP16.
 # With these two blocked the tiny model reaches cosine 0.9999998 (the residual adds can stay FP16).
 FP16_KEEP_FP32_OPS = ("LayerNormalization", "Softmax")
+FP16_SLICE_VALUES = 1 << 22  # FP32 weights converted to FP16 this many values at a time (16 MB)
 
 
 # --- the graph ----------------------------------------------------------------------------------------------
@@ -109,13 +112,14 @@ def vision_file_name(modality: str, with_landmarks: bool, precision: str) -> str
 
 
 def load_vision_model(checkpoint_dir: str | Path, image_tower: str | Path | None = None,
-                      video_tower: str | Path | None = None) -> FaceLlava:
-    """The vision half of a checkpoint: towers, mm projector, FRLP, FRGCA; the LLM is never read (it stays on the
-    meta device), so a 7B checkpoint exports its vision graph in a few GB. Raises FaceLlavaError like the loader.
-    """
+                      video_tower: str | Path | None = None, towers: Sequence[str] = MODALITIES) -> FaceLlava:
+    """The vision half of a checkpoint: the towers named in `towers`, mm projector, FRLP, FRGCA; the LLM is never
+    read (it stays on the meta device), so a 7B checkpoint exports its vision graph in a few GB. Raises
+    FaceLlavaError like the loader."""
     from facellava.model.loading import load_face_llava
 
-    return load_face_llava(checkpoint_dir, image_tower=image_tower, video_tower=video_tower, llm=False)
+    return load_face_llava(checkpoint_dir, image_tower=image_tower, video_tower=video_tower, llm=False,
+                           towers=towers)
 
 
 def vision_only_model(config: FaceLlavaConfig, image_tower: TowerConfig | None, video_tower: TowerConfig | None,
@@ -203,6 +207,15 @@ def export_onnx(graph: VisionGraph, path: Path, example: dict[str, np.ndarray]) 
     return {"external_data": _external_data_files(path), "nodes": nodes}
 
 
+def release_memory() -> None:
+    """Collect garbage and hand freed heap memory back to the system. glibc keeps freed blocks below its mmap
+    threshold (which grows to 32 MB as large blocks are freed) in the heap: measured at ViT-L size, 2.2 GB of
+    an ONNX Runtime session's weights stayed resident after the session was gone, under the next step's."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)  # glibc only; elsewhere nothing to do
+
+
 @contextlib.contextmanager
 def _quiet_exporter():
     """The exporter prints its steps, warns about its own deprecations, and the optimizer logs every skipped
@@ -235,10 +248,16 @@ def convert_fp16(source: Path, target: Path) -> dict[str, Any]:
     onnxruntime, which the export needs anyway. Its one flaw, input casts appended after their consumers, is
     repaired by a topological sort (TensorRT's parser and the ONNX checker need sorted nodes). ModelOpt AutoCast
     does not install cleanly here (its [onnx] extra needs cppimport, which has no wheel).
+
+    A graph whose weights are external data is converted without loading them: the converter sees a one-value
+    stand-in for each (it decides from types and consumers only), then each weight is read from the FP32 data
+    file, converted where the converter made it FP16, and written to the FP16 graph's data file, one at a time
+    (at ViT-L size the whole graph in memory, plus its converted copy, cost ~3 GB).
     """
     from onnxruntime.transformers import float16
 
-    model = onnx.load(str(source))
+    model = onnx.load(str(source), load_external_data=False)
+    external = _external_stand_ins(model)
     block = sorted({*float16.DEFAULT_OP_BLOCK_LIST, *FP16_KEEP_FP32_OPS})
     # shapes were inferred into the FP32 file already; in-memory inference would fail past 2 GB
     model = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=block,
@@ -246,13 +265,86 @@ def convert_fp16(source: Path, target: Path) -> dict[str, Any]:
     _sort_topologically(model.graph)
     # the converter marks every value_info FP16, also those of the weights it kept in FP32: infer them afresh
     model.graph.ClearField("value_info")
-    external = _save(model, target)
+    if external:
+        data_name = f"{target.name}.data"
+        _write_external_data(model, external, source.parent, target.parent / data_name)
+        onnx.save_model(model, str(target))  # the graph alone: every weight is in the data file already
+        names = [data_name]
+    else:
+        names = _save(model, target)
     del model
     onnx.checker.check_model(str(target), full_check=True)
     onnx.shape_inference.infer_shapes_path(str(target), str(target), check_type=True, strict_mode=True,
                                            data_prop=True)
-    return {"external_data": external, "keep_fp32_ops": list(FP16_KEEP_FP32_OPS),
+    return {"external_data": names, "keep_fp32_ops": list(FP16_KEEP_FP32_OPS),
             "fp16_converter": f"onnxruntime.transformers.float16 {_version('onnxruntime')}"}
+
+
+@dataclass
+class _ExternalTensor:
+    """Where an external initializer's bytes lie, and its shape (the graph holds a one-value stand-in)."""
+
+    dims: list[int]
+    location: str
+    offset: int
+    length: int
+
+
+def _external_stand_ins(model: onnx.ModelProto) -> dict[str, _ExternalTensor]:
+    """Replace every external-data initializer of a graph loaded without its data by a one-value stand-in of
+    the same type (raw bytes of one element); returns where each one's data lies."""
+    found = {}
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        length = int(info.get("length", itemsize * int(np.prod(tensor.dims))))
+        found[tensor.name] = _ExternalTensor(list(tensor.dims), info["location"], int(info.get("offset", 0)), length)
+        tensor.ClearField("external_data")
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        del tensor.dims[:]
+        tensor.dims.append(1)
+        tensor.raw_data = bytes(itemsize)
+    return found
+
+
+def _write_external_data(model: onnx.ModelProto, external: dict[str, _ExternalTensor], source_dir: Path,
+                         data_path: Path) -> None:
+    """Fill in the stand-ins of `_external_stand_ins` after the FP16 conversion: each weight read from its FP32
+    data file, converted to FP16 where the converter made its stand-in FP16 (with the converter's own clamping),
+    appended to `data_path` (page-aligned, so ONNX Runtime can map it) and referenced from the graph."""
+    from onnxruntime.transformers import float16
+
+    with data_path.open("wb") as out:
+        for tensor in model.graph.initializer:
+            where = external.get(tensor.name)
+            if where is None:
+                continue
+            source_type = onnx.TensorProto.FLOAT if tensor.data_type == onnx.TensorProto.FLOAT16 else tensor.data_type
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(source_type)
+            out.seek(-out.tell() % 4096, os.SEEK_CUR)
+            offset = out.tell()
+            count = where.length // dtype.itemsize
+            # in slices: the converter's clamping makes several temporary copies of what it is given
+            for start in range(0, count, FP16_SLICE_VALUES):
+                values = np.fromfile(source_dir / where.location, dtype=dtype,
+                                     count=min(FP16_SLICE_VALUES, count - start),
+                                     offset=where.offset + start * dtype.itemsize)
+                if tensor.data_type != source_type:
+                    values = float16.convert_np_to_float16(values)
+                out.write(values.data)
+            tensor.ClearField("raw_data")
+            del tensor.dims[:]
+            tensor.dims.extend(where.dims)
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", data_path.name), ("offset", str(offset)),
+                               ("length", str(out.tell() - offset))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            del external[tensor.name]
+    if external:
+        raise RuntimeError(f"the FP16 converter dropped the initializers {sorted(external)}")
 
 
 def _sort_topologically(graph: onnx.GraphProto) -> None:
@@ -309,19 +401,29 @@ def export_vision(checkpoint_dir: str | Path, bundle: str | Path, *, image_tower
     otherwise, and recorded). Returns what was written. Raises FaceLlavaError for a bundle path that is a file,
     an unknown modality or precision, a checkpoint without the needed tower or landmark modules, or a parity miss;
     then the bundle is left as it was.
+
+    Memory: one modality at a time, its model holds only that modality's tower and is released before the
+    FP16 conversion and the ONNX Runtime parity of its graphs (`export_vision_model` with a loader).
     """
     modalities = parity.parse_choices(modalities, MODALITIES, "modality")
     precisions = parity.parse_choices(precisions, PRECISIONS, "precision")
     if Path(bundle).exists() and not Path(bundle).is_dir():
         raise FaceLlavaError(f"bundle path {bundle} is a file; give a directory")
-    model = load_vision_model(checkpoint_dir, image_tower=image_tower, video_tower=video_tower)
+
+    def load(towers: Sequence[str]) -> FaceLlava:
+        return load_vision_model(checkpoint_dir, image_tower=image_tower, video_tower=video_tower, towers=towers)
+
+    model = load(modalities)  # every tower found and its weights checked (not yet read) before any work
     variants = _variants(model, modalities, landmarks)  # raises before the bundle is touched
+    vision = {"hidden_size": model.config.hidden_size, "cross_attn_type": model.config.cross_attn_type,
+              "branch_scale": model.config.branch_scale}
+    del model
+    release_memory()
     with BundleWriter.transaction(bundle) as writer:
-        writer.set_source(checkpoint_dir, vision={"hidden_size": model.config.hidden_size,
-                                                  "cross_attn_type": model.config.cross_attn_type,
-                                                  "branch_scale": model.config.branch_scale})
-        return export_vision_model(model, writer, variants=variants, precisions=precisions, allow_drift=allow_drift,
-                                   face_photo=face_photo, seed=seed, progress=progress)
+        writer.set_source(checkpoint_dir, vision=vision)
+        return export_vision_model(lambda modality: load((modality,)), writer, variants=variants,
+                                   precisions=precisions, allow_drift=allow_drift, face_photo=face_photo, seed=seed,
+                                   progress=progress)
 
 
 def _variants(model: FaceLlava, modalities: Sequence[str], landmarks: bool | None) -> list[tuple[str, bool]]:
@@ -335,12 +437,15 @@ def _variants(model: FaceLlava, modalities: Sequence[str], landmarks: bool | Non
     return variants
 
 
-def export_vision_model(model: FaceLlava, writer: BundleWriter, *, variants: Sequence[tuple[str, bool]],
-                        precisions: Sequence[str] = PRECISIONS, allow_drift: bool = False,
-                        face_photo: str | Path | None = None, seed: int | None = None,
+def export_vision_model(model: FaceLlava | Callable[[str], FaceLlava], writer: BundleWriter, *,
+                        variants: Sequence[tuple[str, bool]], precisions: Sequence[str] = PRECISIONS,
+                        allow_drift: bool = False, face_photo: str | Path | None = None, seed: int | None = None,
                         progress: bool = True) -> VisionExport:
-    """Export `variants` [(modality, with_landmarks)] of an in-memory model at `precisions` into the writer's
-    bundle; see `export_vision`. The manifest's vision entries (and engines built from graphs this export
+    """Export `variants` [(modality, with_landmarks)] at `precisions` into the writer's bundle; see
+    `export_vision`. `model` is a loaded model, or a function that loads one for a modality: each modality's
+    model is then loaded for its PyTorch references and FP32 exports only, and released before its graphs'
+    FP16 conversion and ONNX Runtime parity (one session at a time), so torch weights, exporter and ONNX Runtime
+    never hold memory together. The manifest's vision entries (and engines built from graphs this export
     replaces) are replaced as a whole: files of an earlier export that this one does not produce are deleted."""
     seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
     steps = len(variants) * (2 + len(precisions) + ("fp16" in precisions))
@@ -349,53 +454,63 @@ def export_vision_model(model: FaceLlava, writer: BundleWriter, *, variants: Seq
     records: dict[str, dict[str, Any]] = {}
     seconds: dict[str, dict[str, float]] = {}
     with tqdm(total=steps, desc="export vision", unit="step", disable=not progress) as bar:
-        for modality, with_landmarks in variants:
-            graph = VisionGraph(model, modality, with_landmarks).eval()
-            inputs = parity.parity_inputs(modality, with_landmarks, seed, face_photo)
-            bar.set_postfix_str(f"{modality}{'' if with_landmarks else ' no landmarks'}: PyTorch reference")
-            with torch.no_grad():
-                references = {name: graph(*(torch.from_numpy(feed[n]) for n in graph.input_names)).numpy()
-                              for name, feed in inputs.items()}
-            bar.update()
-            fp32_name = vision_file_name(modality, with_landmarks, "fp32")
-            bar.set_postfix_str(f"{fp32_name}: export")
-            start = time.perf_counter()
-            details = export_onnx(graph, staging / fp32_name, inputs["random"])
-            seconds[fp32_name] = {"export": time.perf_counter() - start}
-            bar.update()
-            for precision in precisions:
-                name = vision_file_name(modality, with_landmarks, precision)
-                seconds.setdefault(name, {})
-                if precision == "fp16":
-                    bar.set_postfix_str(f"{name}: convert")
-                    start = time.perf_counter()
-                    details16 = convert_fp16(staging / fp32_name, staging / name)
-                    seconds[name]["fp16"] = time.perf_counter() - start
-                    bar.update()
-                    entry_details = {**details16, "source": fp32_name}
-                else:
-                    entry_details = {"external_data": details["external_data"], "nodes": details["nodes"]}
-                bar.set_postfix_str(f"{name}: parity")
-                start = time.perf_counter()
-                outputs = parity.run_onnx(staging / name, inputs)
-                per_input = {key: fidelity.compare(outputs[key], references[key]) for key in inputs}
-                seconds[name]["parity"] = time.perf_counter() - start
+        for modality in dict.fromkeys(m for m, _ in variants):
+            exported = []  # (variant, its parity inputs, PyTorch's outputs, io shapes, export details)
+            loaded = model(modality) if callable(model) and not isinstance(model, nn.Module) else model
+            for with_landmarks in [w for m, w in variants if m == modality]:
+                graph = VisionGraph(loaded, modality, with_landmarks).eval()
+                inputs = parity.parity_inputs(modality, with_landmarks, seed, face_photo)
+                bar.set_postfix_str(f"{modality}{'' if with_landmarks else ' no landmarks'}: PyTorch reference")
+                with torch.no_grad():
+                    references = {name: graph(*(torch.from_numpy(feed[n]) for n in graph.input_names)).numpy()
+                                  for name, feed in inputs.items()}
                 bar.update()
-                records[name] = {
-                    "reference": f"FaceLlava.encode_{modality}",
-                    "runtime": f"onnxruntime {_version('onnxruntime')} CPUExecutionProvider",
-                    "seed": seed, "random_batch": parity.RANDOM_BATCH,
-                    **parity.parity_record(per_input, parity.LIMITS[precision])}
-                inputs_shapes, output_shapes = graph.io_shapes()
-                entries[name] = {
-                    "kind": "vision", "modality": modality, "precision": precision, "landmarks": with_landmarks,
-                    "inputs": {n: {"dtype": "float32", "shape": s} for n, s in inputs_shapes.items()},
-                    "outputs": {n: {"dtype": "float32", "shape": s} for n, s in output_shapes.items()},
-                    "opset": OPSET, "exporter": f"torch.onnx dynamo {_version('torch')}, onnxscript optimizer "
-                                                f"{_version('onnxscript')}", **entry_details}
-            if "fp32" not in precisions:  # the FP16 graph's source, not asked for
-                for leftover in [fp32_name, *details["external_data"]]:
-                    (staging / leftover).unlink()
+                fp32_name = vision_file_name(modality, with_landmarks, "fp32")
+                bar.set_postfix_str(f"{fp32_name}: export")
+                start = time.perf_counter()
+                details = export_onnx(graph, staging / fp32_name, inputs["random"])
+                seconds[fp32_name] = {"export": time.perf_counter() - start}
+                bar.update()
+                exported.append((with_landmarks, inputs, references, graph.io_shapes(), details))
+                del graph
+            del loaded
+            release_memory()  # the exporter leaves reference cycles that hold graph-sized buffers
+            for with_landmarks, inputs, references, (input_shapes, output_shapes), details in exported:
+                fp32_name = vision_file_name(modality, with_landmarks, "fp32")
+                for precision in precisions:
+                    name = vision_file_name(modality, with_landmarks, precision)
+                    seconds.setdefault(name, {})
+                    if precision == "fp16":
+                        bar.set_postfix_str(f"{name}: convert")
+                        start = time.perf_counter()
+                        details16 = convert_fp16(staging / fp32_name, staging / name)
+                        seconds[name]["fp16"] = time.perf_counter() - start
+                        bar.update()
+                        entry_details = {**details16, "source": fp32_name}
+                    else:
+                        entry_details = {"external_data": details["external_data"], "nodes": details["nodes"]}
+                    bar.set_postfix_str(f"{name}: parity")
+                    start = time.perf_counter()
+                    outputs = parity.run_onnx(staging / name, inputs)
+                    per_input = {key: fidelity.compare(outputs[key], references[key]) for key in inputs}
+                    del outputs
+                    release_memory()  # the session's weights, before the next step
+                    seconds[name]["parity"] = time.perf_counter() - start
+                    bar.update()
+                    records[name] = {
+                        "reference": f"FaceLlava.encode_{modality}",
+                        "runtime": f"onnxruntime {_version('onnxruntime')} CPUExecutionProvider",
+                        "seed": seed, "random_batch": parity.RANDOM_BATCH,
+                        **parity.parity_record(per_input, parity.LIMITS[precision])}
+                    entries[name] = {
+                        "kind": "vision", "modality": modality, "precision": precision, "landmarks": with_landmarks,
+                        "inputs": {n: {"dtype": "float32", "shape": s} for n, s in input_shapes.items()},
+                        "outputs": {n: {"dtype": "float32", "shape": s} for n, s in output_shapes.items()},
+                        "opset": OPSET, "exporter": f"torch.onnx dynamo {_version('torch')}, onnxscript optimizer "
+                                                    f"{_version('onnxscript')}", **entry_details}
+                if "fp32" not in precisions:  # the FP16 graph's source, not asked for
+                    for leftover in [fp32_name, *details["external_data"]]:
+                        (staging / leftover).unlink()
     misses = [parity.describe_miss(name, record) for name, record in records.items() if not record["passed"]]
     if misses and not allow_drift:
         raise FaceLlavaError(misses[0] + (f" (and {len(misses) - 1} more)" if len(misses) > 1 else ""))

@@ -208,6 +208,36 @@ def test_external_data_path(external_bundle, tiny_model):
         assert _meets_threshold(figures, entry["precision"]), figures
 
 
+def test_fp16_from_external_data_equals_the_in_memory_conversion(external_bundle, tmp_path):
+    """`convert_fp16` on a graph with external weights converts them one at a time from the file (the graph
+    alone in memory): the same nodes and bit-identical initializers as converting the whole graph in memory."""
+    from onnx import numpy_helper
+
+    whole = onnx.load(str(external_bundle / "vision_image_nolm.onnx"))  # the FP32 graph with its weights
+    onnx.save_model(whole, str(tmp_path / "inline.onnx"))  # tiny: one file, converted in memory
+    vision.convert_fp16(tmp_path / "inline.onnx", tmp_path / "inline.fp16.onnx")
+    assert not (tmp_path / "inline.fp16.onnx.data").exists()
+    streamed_path = external_bundle / "vision_image_nolm.fp16.onnx"
+    header = onnx.load(str(streamed_path), load_external_data=False)
+    outside = [t for t in header.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert len(outside) > 10 and all(int({e.key: e.value for e in t.external_data}["offset"]) % 4096 == 0
+                                     for t in outside)
+    in_memory, streamed = onnx.load(str(tmp_path / "inline.fp16.onnx")), onnx.load(str(streamed_path))
+
+    def nodes(model: onnx.ModelProto) -> list:
+        return [(n.op_type, list(n.input), list(n.output)) for n in model.graph.node]
+
+    assert nodes(streamed) == nodes(in_memory)
+    a = {t.name: numpy_helper.to_array(t) for t in in_memory.graph.initializer}
+    b = {t.name: numpy_helper.to_array(t) for t in streamed.graph.initializer}
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
+        assert np.array_equal(a[name], b[name]), name
+    assert sum(v.dtype == np.float16 for v in b.values()) > len(b) // 2
+    assert sum(v.dtype == np.float32 and v.size > 1 for v in b.values()) > 0  # LayerNorm weights kept FP32
+
+
 def test_reexport_replaces_vision_files_and_stale_engines(external_bundle, tiny_checkpoint, tmp_path):
     bundle = tmp_path / "bundle"
     shutil.copytree(external_bundle, bundle)
