@@ -22,7 +22,7 @@ import numpy as np
 from facellava import contract
 from facellava.atomic import staged_directory
 from facellava.errors import FaceLlavaError
-from facellava.runtime.assets import face_photo
+from facellava.runtime.assets import face_photo, face_photo_record
 
 CROP = contract.FACE_CROP_SIZE
 VIDEO_FRAMES = 12
@@ -49,43 +49,29 @@ def front_end_landmarks() -> LandmarkSource:
     return source
 
 
-# The alternative source `mean_face_landmarks`: a canonical 68-point face shape placed on the photograph's face by
-# hand and carried through each augmentation (right by construction, not detected; no MediaPipe needed).
+# The alternative source `carried_landmarks`: the front end's landmarks of the photograph itself (shipped with it,
+# `assets.face_photo_record`), carried through each augmentation (no MediaPipe needed).
 
-# Where the canonical shape's unit square lies on astronaut.jpg (x0, y0, x1, y1 in photo pixels), fitted by eye.
-FACE_BOX = (181.0, 66.0, 270.0, 178.0)
-
-
-def canonical_face_shape() -> np.ndarray:
-    """A frontal 68-point iBUG face in a unit square (x right, y down), built from arcs and ellipses: [68, 2]."""
-    def ellipse(cx: float, cy: float, rx: float, ry: float, angles: np.ndarray) -> np.ndarray:
-        return np.stack([cx + rx * np.cos(angles), cy - ry * np.sin(angles)], axis=1)
-
-    jaw = np.stack([0.5 + 0.48 * np.cos(np.pi - np.arange(17) * np.pi / 16),
-                    0.3 + 0.65 * np.sin(np.pi - np.arange(17) * np.pi / 16)], axis=1)
-    s = np.linspace(0, 1, 5)
-    brow1 = np.stack([0.12 + 0.30 * s, 0.21 - 0.05 * np.sin(np.pi * s)], axis=1)
-    brow2 = np.stack([0.58 + 0.30 * s, 0.21 - 0.05 * np.sin(np.pi * s)], axis=1)
-    bridge = np.stack([np.full(4, 0.5), np.linspace(0.33, 0.56, 4)], axis=1)
-    nostrils = np.stack([0.40 + 0.20 * s, 0.61 + 0.02 * np.sin(np.pi * s)], axis=1)
-    eye_angles = np.array([np.pi, 2 * np.pi / 3, np.pi / 3, 0, -np.pi / 3, -2 * np.pi / 3])
-    eye1 = ellipse(0.30, 0.35, 0.09, 0.035, eye_angles)
-    eye2 = ellipse(0.70, 0.35, 0.09, 0.035, eye_angles)
-    outer = ellipse(0.5, 0.78, 0.17, 0.07, np.concatenate([np.pi - np.arange(7) * np.pi / 6,
-                                                           -np.arange(1, 6) * np.pi / 6]))
-    inner = ellipse(0.5, 0.78, 0.11, 0.025, np.array([np.pi, 2 * np.pi / 3, np.pi / 2, np.pi / 3, 0,
-                                                      -np.pi / 3, -np.pi / 2, -2 * np.pi / 3]))
-    return np.concatenate([jaw, brow1, brow2, bridge, nostrils, eye1, eye2, outer, inner]).astype(np.float64)
+# The crop side of an unaugmented view, in sides of the front end's face box: the box is the detector's, tight
+# from brows to chin; 1.6 of it keeps the forehead, the chin and some background in the crop.
+VIEW_SIDE = 1.6
 
 
-def mean_face_landmarks(crop: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """STAND-IN landmark source: the canonical shape on the photograph's face, moved by the crop's affine.
+def photo_face() -> tuple[tuple[float, float, float, float], np.ndarray]:
+    """The shipped photograph's face as the runtime's front end found it: its box (x0, y0, x1, y1) and its 68
+    iBUG landmarks [68, 2], both in photo pixels."""
+    record = face_photo_record()
+    x, y, width, height = (int(v) for v in record["image_box"])
+    # the official crop of a box inside the photograph is the square from (x, y), its side truncated to pixels
+    side = int(x + (width + height) / 2) - x
+    points = record["image_landmarks"].astype(np.float64) * side + [x, y]
+    return (float(x), float(y), float(x + side), float(y + side)), points
 
-    A flip (negative determinant) also renumbers the points, as a detector numbers a mirrored face.
-    """
-    x0, y0, x1, y1 = FACE_BOX
-    photo_points = canonical_face_shape() * [x1 - x0, y1 - y0] + [x0, y0]
-    points = photo_points @ affine[:, :2].T + affine[:, 2]
+
+def carried_landmarks(crop: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """A landmark source without a detector: the front end's landmarks of the photograph, moved by the crop's
+    affine. A flip (negative determinant) also renumbers the points, as a detector numbers a mirrored face."""
+    points = photo_face()[1] @ affine[:, :2].T + affine[:, 2]
     if np.linalg.det(affine[:, :2]) < 0:
         points = points[list(contract.IBUG68_MIRROR)]
     return points.astype(np.float32)
@@ -170,13 +156,26 @@ def conversation(task: str, question: str, landmarks: np.ndarray, placeholder: s
 # --- the data set ----------------------------------------------------------------------------------------------------
 
 
-def _random_view(rng: np.random.Generator) -> dict:
-    x0, y0, x1, y1 = FACE_BOX
-    base_side = 1.35 * (y1 - y0)
+def _random_view(rng: np.random.Generator, face_box: tuple[float, float, float, float]) -> dict:
+    x0, y0, x1, y1 = face_box
+    base_side = VIEW_SIDE * (y1 - y0)
     return {"centre": ((x0 + x1) / 2 + rng.uniform(-0.06, 0.06) * base_side,
                        (y0 + y1) / 2 + rng.uniform(-0.06, 0.06) * base_side),
             "side": base_side * rng.uniform(0.9, 1.1), "angle": rng.uniform(-10, 10), "flip": bool(rng.random() < 0.5),
             "brightness": rng.uniform(0.75, 1.25)}
+
+
+def _face_box(photo: Path, pixels: np.ndarray) -> tuple[float, float, float, float]:
+    """The face box (x0, y0, x1, y1) the views are drawn around: the shipped photograph's from its shipped record,
+    another photograph's found by the front end (MediaPipe)."""
+    if contract.file_sha256(photo) == str(face_photo_record()["photo_sha256"]):
+        return photo_face()[0]
+    from facellava.runtime.face import FaceFrontEnd
+
+    with FaceFrontEnd() as front_end:
+        box = front_end.process_image(pixels, landmarks=False, name=str(photo)).box
+    side = (box.width + box.height) / 2
+    return box.x, box.y, box.x + side, box.y + side
 
 
 def _render(photo: np.ndarray, view: dict, landmark_source: LandmarkSource) -> tuple[np.ndarray, np.ndarray | None]:
@@ -201,8 +200,10 @@ def make_synthetic_data(out_dir: str | Path, n: int = 32, seed: int = 0, videos:
     """Write a synthetic training set of `n` records (`videos` of them short videos; default n // 8, at least one
     when n > 1) into `out_dir`, and return the path of its `data.json`.
 
-    Each record is a seeded augmentation of the face photograph with landmarks from `landmark_source` (default:
-    the runtime's face front end) and a templated conversation; the tasks take turns, and every third
+    Each record is a seeded augmentation of the face photograph (`photo`, by default the shipped one) around the
+    face the runtime's front end finds in it, with landmarks from `landmark_source` (default: the runtime's face
+    front end on each crop; `carried_landmarks` for the shipped photograph without MediaPipe) and a templated
+    conversation; the tasks take turns, and every third
     record has a second round. The directory is written under a temporary name and renamed, so it is whole or
     absent. Raises FaceLlavaError if `out_dir` exists and is not empty, or for n < 1.
     """
@@ -221,6 +222,7 @@ def make_synthetic_data(out_dir: str | Path, n: int = 32, seed: int = 0, videos:
     photo = photo or face_photo()
     with Image.open(photo) as image:
         pixels = np.asarray(image.convert("RGB"))
+    face_box = _face_box(Path(photo), pixels)
 
     with staged_directory(out) as staging:
         for folder in ("images", "videos", "landmarks"):
@@ -235,14 +237,14 @@ def make_synthetic_data(out_dir: str | Path, n: int = 32, seed: int = 0, videos:
             record: dict = {"id": name}
             for _ in range(20):  # a detector may miss a face in a strong augmentation: draw another one
                 if is_video:
-                    start, end = _random_view(rng), _random_view(rng)
+                    start, end = _random_view(rng, face_box), _random_view(rng, face_box)
                     end["flip"] = start["flip"]
                     rendered = [_render(pixels, _between(start, end, t / (VIDEO_FRAMES - 1)), source)
                                 for t in range(VIDEO_FRAMES)]
                     if all(points is not None for _, points in rendered):
                         break
                 else:
-                    crop, points = _render(pixels, _random_view(rng), source)
+                    crop, points = _render(pixels, _random_view(rng, face_box), source)
                     if points is not None:
                         break
             else:
