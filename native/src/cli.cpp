@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <unistd.h>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -63,6 +64,13 @@ int fail(const char* message) {
 }  // namespace
 
 int main(int argc, char** argv) {
+    // llama.cpp's CPU backend runs on OpenMP here, whose idle threads spin by default: beside other busy work on a
+    // small machine that made decoding 10-100x slower (benchmarks/native_vs_python.py). Idle threads sleep, as the
+    // project's thread policy wants (runtime/llm.py); libgomp reads the policy when it loads, before main, so the
+    // process starts again with it. OMP_WAIT_POLICY=ACTIVE in the environment keeps spinning.
+    if (std::getenv("OMP_WAIT_POLICY") == nullptr && setenv("OMP_WAIT_POLICY", "PASSIVE", 1) == 0) {
+        execv("/proc/self/exe", argv);  // returns only when it failed: go on as we are
+    }
     facellava_options options;
     facellava_options_default(&options);
     facellava_request request;
