@@ -21,7 +21,8 @@ Then it runs the README's commands as written (paths substituted), each as its o
     bench BUNDLE --checkpoint CKPT --out results/ --variants V --repeats 1
 
 For each it reports wall time, peak anonymous memory (RssAnon of the command's process tree, summed, sampled every
-50 ms: a spike shorter than that can be missed) and peak RSS (the largest of the VmHWM samples and wait4's
+0.5 s by a thread of its own while the main thread blocks in wait4: a spike shorter than that can be missed; the
+longest gap between samples is reported) and peak RSS (the largest of the VmHWM samples and wait4's
 ru_maxrss; this parent never imports torch, so the RSS a child inherits at exec is this small process's). A command
 whose tree's RssAnon passes --memory-cap-gb is killed (the machine is shared: the kernel's OOM killer would pick
 any process) and reported as such. For `run`, the time to first token and decode tokens/s it reports are set
@@ -41,6 +42,7 @@ at that time, skips the rest and still prints the table. Everything is deleted a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -48,6 +50,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -60,7 +63,7 @@ MM_HIDDEN = 1024
 LANGUAGEBIND_VISION = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24,
                            patch_size=14, image_size=224, layer_norm_eps=1e-5, hidden_act="gelu")
 GOALS_GB = {"export llm": 3.0, "calibrate llm": 3.0, "export vision": 6.0}
-SAMPLE_S = 0.05
+SAMPLE_S = 0.5  # a thread of its own samples this often (see Sampler)
 COMMANDS = ("inspect", "export vision", "export llm", "calibrate llm", "run image", "run video", "bench")
 IMAGE_QUESTION = "How old is this person?"
 VIDEO_QUESTION = "What emotion is shown in the video?"
@@ -290,50 +293,73 @@ class Stopped(Exception):
     """The --stop-at time came: the command was killed and the rest are skipped."""
 
 
+class Sampler(threading.Thread):
+    """Samples a process tree's memory every `interval` seconds in a thread of its own (the main thread only waits
+    for the command), keeping the peaks; kills the tree's process group when RssAnon passes `cap_kb` or `stop_at`
+    comes. A thread that is starved can still miss a spike; `longest_gap_s` says how long it went unsampled."""
+
+    def __init__(self, pid: int, cap_kb: int, stop_at: datetime.datetime | None, interval: float = SAMPLE_S):
+        super().__init__(daemon=True)
+        self.pid, self.cap_kb, self.stop_at, self.interval = pid, cap_kb, stop_at, interval
+        self.peak_anon = self.peak_rss = self.hwm = self.anon = 0
+        self.killed: str | None = None
+        self.longest_gap_s = 0.0
+        self.samples = 0
+        self.trace: list[tuple[float, int]] = []  # (seconds since start, RssAnon kB of the tree)
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        last = start = time.perf_counter()
+        while not self.done.is_set():
+            now = time.perf_counter()
+            self.longest_gap_s, last = max(self.longest_gap_s, now - last), now
+            statuses = [_status(p) for p in _tree(self.pid)]
+            self.anon = sum(s.get("RssAnon", 0) for s in statuses)
+            self.peak_anon = max(self.peak_anon, self.anon)
+            self.peak_rss = max(self.peak_rss, sum(s.get("VmRSS", 0) for s in statuses))
+            self.hwm = max(self.hwm, statuses[0].get("VmHWM", 0) if statuses else 0)
+            self.samples += 1
+            self.trace.append((now - start, self.anon))
+            reason = (f"RssAnon {self.anon / 2**20:.2f} GB passed the cap of {self.cap_kb / 2**20:.1f} GB"
+                      if self.anon > self.cap_kb else "the --stop-at time came"
+                      if self.stop_at and datetime.datetime.now(datetime.timezone.utc) >= self.stop_at else None)
+            if reason and self.killed is None:
+                self.killed = reason
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.pid, signal.SIGKILL)  # the group this benchmark started for the command
+            self.done.wait(self.interval)
+
+
 def measure(name: str, argv: list[str], env: dict[str, str], logs: Path, cap_kb: int,
             stop_at: datetime.datetime | None) -> dict:
-    """Run one command in its own process (group), sampling its tree's memory; return its figures."""
+    """Run one command in its own process (group), sampling its tree's memory (`Sampler`); return its figures."""
     out, err = logs / f"{name.replace(' ', '_')}.out", logs / f"{name.replace(' ', '_')}.err"
     print(f"[{name}] {' '.join(argv)}", flush=True)
     started = time.perf_counter()
     with open(out, "w") as stdout, open(err, "w") as stderr:
         process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
                                    start_new_session=True)
-    peak_anon = peak_rss = hwm = 0
-    killed, last_report, last_sample, gap = None, started, started, 0.0
-    while True:
-        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-        if pid:
-            break
-        now = time.perf_counter()
-        gap, last_sample = max(gap, now - last_sample), now  # a long gap (this process starved) may miss a peak
-        statuses = [_status(p) for p in _tree(process.pid)]
-        anon = sum(s.get("RssAnon", 0) for s in statuses)
-        peak_anon = max(peak_anon, anon)
-        peak_rss = max(peak_rss, sum(s.get("VmRSS", 0) for s in statuses))
-        hwm = max(hwm, statuses[0].get("VmHWM", 0) if statuses else 0)
-        reason = (f"RssAnon {anon / 2**20:.2f} GB passed the cap of {cap_kb / 2**20:.1f} GB" if anon > cap_kb
-                  else "the --stop-at time came" if stop_at and datetime.datetime.now(datetime.timezone.utc) >= stop_at
-                  else None)
-        if reason and killed is None:
-            killed = reason
-            os.killpg(process.pid, signal.SIGKILL)  # the group this benchmark started for the command
-        if now - last_report >= 60:
-            last_report = now
-            print(f"  [{name}] {now - started:.0f} s: RssAnon {anon / 2**20:.2f} GB (peak {peak_anon / 2**20:.2f}), "
-                  f"RSS {peak_rss / 2**20:.2f} GB peak", flush=True)
-        time.sleep(SAMPLE_S)
+    sampler = Sampler(process.pid, cap_kb, stop_at)
+    sampler.start()
+    _, status, usage = os.wait4(process.pid, 0)  # blocks without the GIL: the sampler thread runs meanwhile
+    sampler.done.set()
+    sampler.join()
     wall = time.perf_counter() - started
     process.returncode = os.waitstatus_to_exitcode(status)
+    killed, gap = sampler.killed, sampler.longest_gap_s
+    trace = logs / f"{name.replace(' ', '_')}.memory.tsv"  # RssAnon over time, to find where a peak happens
+    trace.write_text("seconds\trss_anon_mb\n" + "".join(f"{t:.1f}\t{kb / 1024:.0f}\n" for t, kb in sampler.trace))
     figures = {"command": name, "argv": argv, "wall_s": wall, "returncode": process.returncode,
-               "peak_anon_gb": peak_anon / 2**20, "peak_rss_gb": max(hwm, peak_rss, usage.ru_maxrss) / 2**20,
-               "killed": killed, "longest_sample_gap_s": gap, "stdout": str(out), "stderr": str(err)}
+               "peak_anon_gb": sampler.peak_anon / 2**20,
+               "peak_rss_gb": max(sampler.hwm, sampler.peak_rss, usage.ru_maxrss) / 2**20,
+               "killed": killed, "longest_sample_gap_s": gap, "samples": sampler.samples, "stdout": str(out),
+               "stderr": str(err)}
     if process.returncode != 0:
         lines = [line for line in err.read_text(errors="replace").splitlines() if line.strip()]
         figures["error"] = killed or (lines[-1] if lines else f"exit status {process.returncode}")
     print(f"  [{name}] {'ok' if process.returncode == 0 else 'FAILED: ' + figures['error']}: {wall:.0f} s, "
           f"peak RssAnon {figures['peak_anon_gb']:.2f} GB, peak RSS {figures['peak_rss_gb']:.2f} GB, longest gap "
-          f"between samples {gap:.1f} s", flush=True)
+          f"between samples {gap:.1f} s ({sampler.samples} samples)", flush=True)
     if killed == "the --stop-at time came":
         raise Stopped(figures)
     return figures
@@ -350,7 +376,8 @@ def _commands(work: Path, args: argparse.Namespace) -> dict[str, list[str]]:
     run_extra = ["--json", "--llm", args.run_llm, "--max-tokens", str(args.max_tokens), "--flash-attn", "off"]
     return {
         "inspect": cli + ["inspect", ckpt],
-        "export vision": cli + ["export", "vision", "--checkpoint", ckpt, "--out", bundle, "--precision", "fp32,fp16"],
+        "export vision": cli + ["export", "vision", "--checkpoint", ckpt, "--out", bundle, "--modalities",
+                                args.vision_modalities, "--precision", args.vision_precision],
         "export llm": cli + ["export", "llm", "--checkpoint", ckpt, "--out", bundle, "--types", args.llm_types],
         "calibrate llm": cli + ["calibrate", "llm", bundle, "--checkpoint", ckpt, "--data", f"{faces}/",
                                 "--types", args.calibrate_types],
@@ -433,6 +460,9 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint, the bundle and the logs")
     parser.add_argument("--layers-per-shard", type=int, default=4)
     parser.add_argument("--commands", default=",".join(COMMANDS), help="which commands, in this order")
+    parser.add_argument("--vision-modalities", default="image,video",
+                        help="export vision --modalities (one only for a shorter run; run and bench need both)")
+    parser.add_argument("--vision-precision", default="fp32,fp16", help="export vision --precision")
     parser.add_argument("--llm-types", default="f16,q4_k_m", help="export llm --types")
     parser.add_argument("--calibrate-types", default="iq4_xs,q3_k_s,q2_k", help="calibrate llm --types")
     parser.add_argument("--run-llm", default="q4_k_m", help="the GGUF type `run` answers with")
