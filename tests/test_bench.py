@@ -111,9 +111,9 @@ def test_bench_reference_streams_the_llm_and_equals_the_whole_model(
         assert len(reference) == 2
         for ref, (tokens, ids, greedy, logits) in zip(reference, whole, strict=True):
             assert ref.input_ids == ids and ref.tokens == greedy and len(greedy) == steps
-            assert np.abs(ref.visual_tokens - tokens).max() < 1e-5
+            assert np.abs(ref.visual_tokens - tokens).max() < 1e-6
             assert ref.logits.shape == logits.shape == (steps, tiny_model.config.vocab_size)
-            assert np.abs(ref.logits - logits).max() < 1e-4 * np.abs(logits).max()
+            assert np.abs(ref.logits - logits).max() < 1e-5 * np.abs(logits).max()  # measured 7e-7
     # the two images give different visual tokens: the comparison is not of one input with itself
     assert np.abs(streamed[0].visual_tokens - streamed[1].visual_tokens).max() > 1e-2
 
