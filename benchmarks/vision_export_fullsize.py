@@ -2,10 +2,11 @@
 FRLP + simple FRGCA, random weights (the LLM is never allocated).
 
 Exports the landmark graphs of the modalities asked for, FP32 and FP16, with the real export path (checker, shape
-inference, FP16 conversion, parity against PyTorch in ONNX Runtime) and reports: seconds per file and step, file
-sizes, peak resident memory, the parity figures; then the latency of the full-size FP32 image graph in ONNX
-Runtime on the CPU against PyTorch eager on the same input (batch 1, the face photograph), as a ratio measured in
-this one run.
+inference, FP16 conversion, parity against PyTorch in ONNX Runtime; each modality's model built with its tower only
+and released before its ONNX Runtime steps, as `export vision` loads it) and reports: seconds per file and step,
+file sizes, peak resident memory and peak anonymous memory (RssAnon, sampled every 0.5 s by a thread), the parity
+figures; then the latency of the full-size FP32 image graph in ONNX Runtime on the CPU against PyTorch eager on the
+same input (batch 1, the face photograph), as a ratio measured in this one run.
 
     python benchmarks/vision_export_fullsize.py [--modalities image,video] [--out DIR] [--repeats 5]
 """
@@ -17,6 +18,7 @@ import resource
 import shutil
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -56,6 +58,25 @@ def current_rss_gb() -> float:
     return float("nan")
 
 
+class AnonPeak(threading.Thread):
+    """The largest RssAnon of this process, sampled every `interval` seconds by a thread of its own."""
+
+    def __init__(self, interval: float = 0.5):
+        super().__init__(daemon=True)
+        self.interval, self.peak_kb, self.done = interval, 0, threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    self.peak_kb = max(self.peak_kb, int(line.split()[1]))
+            self.done.wait(self.interval)
+
+    @property
+    def peak_gb(self) -> float:
+        return self.peak_kb / 2**20
+
+
 def latency(fn, repeats: int) -> list[float]:
     fn()  # warm-up
     times = []
@@ -75,23 +96,32 @@ def main() -> None:
     modalities = parity.parse_choices(args.modalities, parity.MODALITIES, "modality")
     out = args.out or Path(tempfile.mkdtemp(prefix="fullsize-vision-"))
 
-    start = time.perf_counter()
-    model = vision_only_model(*full_size_configs(), seed=0)
-    parameters = {name: sum(p.numel() for p in module.parameters())
-                  for name, module in model.named_children() if name != "llm" and module is not None}
-    print(f"built the vision modules in {time.perf_counter() - start:.1f} s: "
-          + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in parameters.items())
-          + f"; resident {current_rss_gb():.2f} GB")
+    config, image_tower, video_tower = full_size_configs()
 
+    def load(modality: str):
+        """One modality's model, with that tower only (what `export vision` holds while it exports it)."""
+        start = time.perf_counter()
+        model = vision_only_model(config, image_tower if modality == "image" else None,
+                                  video_tower if modality == "video" else None, seed=0)
+        parameters = {name: sum(p.numel() for p in module.parameters())
+                      for name, module in model.named_children() if name != "llm" and module is not None}
+        print(f"built the {modality} model in {time.perf_counter() - start:.1f} s: "
+              + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in parameters.items())
+              + f"; resident {current_rss_gb():.2f} GB", flush=True)
+        return model
+
+    sampler = AnonPeak()
+    sampler.start()
     try:
         start = time.perf_counter()
         with BundleWriter.transaction(out) as writer:
-            result = export_vision_model(model, writer, variants=[(m, True) for m in modalities],
+            result = export_vision_model(load, writer, variants=[(m, True) for m in modalities],
                                          precisions=("fp32", "fp16"), seed=0)
         export_seconds = time.perf_counter() - start
-        export_peak = peak_rss_gb()
+        export_peak, export_anon = peak_rss_gb(), sampler.peak_gb
         print(f"\nexport of {len(result.files)} graphs: {export_seconds:.0f} s, peak resident memory "
-              f"{export_peak:.2f} GB (machine: {Path('/proc/meminfo').read_text().split()[1]} kB)")
+              f"{export_peak:.2f} GB, peak anonymous memory {export_anon:.2f} GB (machine: "
+              f"{Path('/proc/meminfo').read_text().split()[1]} kB)")
         manifest = Bundle.open(out).manifest
         for name, entry in result.files.items():
             data = sum(manifest.files[d]["bytes"] for d in entry["external_data"])
@@ -102,6 +132,7 @@ def main() -> None:
                   f"min token cosine {record['min_token_cosine']:.5f} {'pass' if record['passed'] else 'MISS'}")
 
         if "image" in modalities:
+            model = load("image")
             feed = parity.face_photo_inputs("image", True)
             pixels, landmarks = torch.from_numpy(feed["pixel_values"]), torch.from_numpy(feed["landmarks"])
             results = {}
@@ -121,7 +152,7 @@ def main() -> None:
             for name, times in results.items():
                 ms = statistics.median(times) * 1e3
                 print(f"  {name:24s} {ms:8.1f} ms  ({eager_ms / ms:.2f}x PyTorch eager's speed)")
-        print(f"\npeak resident memory of the whole run: {peak_rss_gb():.2f} GB")
+        print(f"\npeak resident memory of the whole run: {peak_rss_gb():.2f} GB, anonymous {sampler.peak_gb:.2f} GB")
         print(f"numpy {np.__version__}, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}")
     finally:
         if args.out is None:
