@@ -46,7 +46,7 @@ void write_string(const std::string& text, std::string& out) {
     out += '"';
     std::size_t i = 0;
     auto hex = [&](unsigned code) {
-        char buffer[8];
+        char buffer[16];
         std::snprintf(buffer, sizeof buffer, "\\u%04x", code);
         out += buffer;
     };
