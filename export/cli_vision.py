@@ -23,6 +23,8 @@ def export_vision_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-drift", action="store_true",
                         help="keep graphs that miss their parity threshold (the figures are still recorded)")
     parser.add_argument("--seed", type=int, help="seed of the random parity inputs (default: fresh, recorded)")
+    parser.add_argument("--no-front-end", action="store_true",
+                        help="do not add the face front end's graphs (export front-end) when the bundle lacks them")
 
 
 def _figures(record: dict[str, Any]) -> str:
@@ -44,7 +46,8 @@ def export_vision(args: argparse.Namespace) -> int:
 
     result = run(args.checkpoint, args.out, image_tower=args.image_tower, video_tower=args.video_tower,
                  modalities=args.modalities, precisions=args.precision,
-                 landmarks=False if args.without_landmarks else None, allow_drift=args.allow_drift, seed=args.seed)
+                 landmarks=False if args.without_landmarks else None, allow_drift=args.allow_drift, seed=args.seed,
+                 front_end=not args.no_front_end)
     for name, entry in result.files.items():
         print(f"{name:32s} {entry['bytes'] / 1e6:9.1f} MB  {_figures(result.parity[name])}")
     print(f"wrote {len(result.files)} vision graphs to {args.out}")

@@ -390,7 +390,7 @@ def export_vision(checkpoint_dir: str | Path, bundle: str | Path, *, image_tower
                   video_tower: str | Path | None = None, modalities: str | Sequence[str] = MODALITIES,
                   precisions: str | Sequence[str] = PRECISIONS, landmarks: bool | None = None,
                   allow_drift: bool = False, face_photo: str | Path | None = None, seed: int | None = None,
-                  progress: bool = True) -> VisionExport:
+                  front_end: bool = True, progress: bool = True) -> VisionExport:
     """Export the vision graphs of a checkpoint into a bundle and record them in its manifest.
 
     Takes the checkpoint directory (official layout), optional LanguageBind tower directories, the bundle
@@ -398,9 +398,10 @@ def export_vision(checkpoint_dir: str | Path, bundle: str | Path, *, image_tower
     landmark variants: None for both when the checkpoint has FRLP/FRGCA (else only the no-landmark one), False for
     only the no-landmark graphs, True for only the landmark graphs. `allow_drift` keeps files that miss their
     parity threshold; `face_photo` replaces the shipped photograph; `seed` fixes the random parity inputs (fresh
-    otherwise, and recorded). Returns what was written. Raises FaceLlavaError for a bundle path that is a file,
-    an unknown modality or precision, a checkpoint without the needed tower or landmark modules, or a parity miss;
-    then the bundle is left as it was.
+    otherwise, and recorded); `front_end` adds the face front end's graphs (`export front-end`) in the same
+    transaction when the bundle lacks them, so that a device needs no MediaPipe. Returns what was written (the
+    vision graphs). Raises FaceLlavaError for a bundle path that is a file, an unknown modality or precision, a
+    checkpoint without the needed tower or landmark modules, or a parity miss; then the bundle is left as it was.
 
     Memory: one modality at a time, its model holds only that modality's tower and is released before the
     FP16 conversion and the ONNX Runtime parity of its graphs (`export_vision_model` with a loader).
@@ -421,9 +422,14 @@ def export_vision(checkpoint_dir: str | Path, bundle: str | Path, *, image_tower
     release_memory()
     with BundleWriter.transaction(bundle) as writer:
         writer.set_source(checkpoint_dir, vision=vision)
-        return export_vision_model(lambda modality: load((modality,)), writer, variants=variants,
-                                   precisions=precisions, allow_drift=allow_drift, face_photo=face_photo, seed=seed,
-                                   progress=progress)
+        result = export_vision_model(lambda modality: load((modality,)), writer, variants=variants,
+                                     precisions=precisions, allow_drift=allow_drift, face_photo=face_photo,
+                                     seed=seed, progress=progress)
+        if front_end:
+            from facellava.export.front_end import add_front_end_if_missing
+
+            add_front_end_if_missing(writer, progress=progress)
+        return result
 
 
 def _variants(model: FaceLlava, modalities: Sequence[str], landmarks: bool | None) -> list[tuple[str, bool]]:

@@ -19,7 +19,7 @@ from facellava import contract
 from facellava.bundle import BOOKKEEPING, BundleWriter
 from facellava.cli import main
 from facellava.errors import FaceLlavaError
-from facellava.export import fidelity, parity, vision
+from facellava.export import fidelity, front_end, parity, vision
 from facellava.export.vision import MODALITIES, PRECISIONS, export_vision, vision_file_name, vision_only_model
 
 VARIANTS = [(m, lm, p) for m in MODALITIES for lm in (True, False) for p in PRECISIONS]
@@ -41,7 +41,8 @@ def external_bundle(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFact
     bundle = tmp_path_factory.mktemp("external") / "bundle"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(vision, "EXTERNAL_DATA_THRESHOLD", 100_000)
-        export_vision(tiny_checkpoint, bundle, modalities="image", landmarks=False, seed=7, progress=False)
+        export_vision(tiny_checkpoint, bundle, modalities="image", landmarks=False, seed=7, front_end=False,
+                      progress=False)
     return bundle
 
 
@@ -169,9 +170,15 @@ def test_manifest_records_every_file_with_sha256_and_parity(vision_bundle):
     manifest = json.loads((bundle / contract.MANIFEST_NAME).read_text())
     on_disk = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()} - {
         contract.MANIFEST_NAME, *BOOKKEEPING}
-    assert on_disk == set(manifest["files"]) == {vision_file_name(*v) for v in VARIANTS}
-    assert set(result.files) == on_disk
-    for name, entry in manifest["files"].items():
+    graphs = {vision_file_name(*v) for v in VARIANTS}
+    # export vision adds the face front end's graphs and their notice (export front-end) to a bundle without them
+    front_end_files = {model.file for model in front_end.MODELS.values()} | {front_end.NOTICE_NAME}
+    assert on_disk == set(manifest["files"]) == graphs | front_end_files
+    assert set(result.files) == graphs
+    assert {manifest["files"][name]["model"] for name in front_end_files - {front_end.NOTICE_NAME}} == set(
+        front_end.MODELS)
+    for name in graphs:
+        entry = manifest["files"][name]
         assert entry["sha256"] == contract.file_sha256(bundle / name)
         assert entry["bytes"] == (bundle / name).stat().st_size
         assert entry["kind"] == "vision" and entry["opset"] == vision.OPSET
@@ -254,7 +261,7 @@ def test_reexport_replaces_vision_files_and_stale_engines(external_bundle, tiny_
         writer.add("model.gguf", "llm", type="f32")
 
     export_vision(tiny_checkpoint, bundle, modalities="image", precisions="fp16", landmarks=True, seed=3,
-                  progress=False)
+                  front_end=False, progress=False)
     manifest = json.loads((bundle / contract.MANIFEST_NAME).read_text())
     assert set(manifest["files"]) == {"vision_image.fp16.onnx", "model.gguf"}
     assert set(manifest["parity"]) == {"vision_image.fp16.onnx"}
@@ -272,11 +279,11 @@ def test_parity_miss_fails_and_leaves_the_bundle_as_it_was(external_bundle, tiny
     monkeypatch.setitem(parity.LIMITS, "fp32", {"rel_err_max": 0.0})  # no export can reach exactly zero
     with pytest.raises(FaceLlavaError, match=r"vision_image_nolm\.onnx misses .*rel_err <= 0.*--allow-drift"):
         export_vision(tiny_checkpoint, bundle, modalities="image", precisions="fp32", landmarks=False,
-                      progress=False)
+                      front_end=False, progress=False)
     assert {p.name: p.read_bytes() for p in bundle.iterdir()} == before
 
     export_vision(tiny_checkpoint, bundle, modalities="image", precisions="fp32", landmarks=False,
-                  allow_drift=True, progress=False)
+                  allow_drift=True, front_end=False, progress=False)
     manifest = json.loads((bundle / contract.MANIFEST_NAME).read_text())
     assert set(manifest["files"]) == {"vision_image_nolm.onnx"}  # weights inline now: the old .data is gone
     assert not (bundle / "vision_image_nolm.onnx.data").exists()
