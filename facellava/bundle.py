@@ -58,15 +58,23 @@ TOOL_PACKAGES = ("torch", "transformers", "onnx", "onnxruntime", "gguf", "llama_
 # --- names and paths ----------------------------------------------------------------------------------------
 
 
+def shown(name: Any, limit: int = 80) -> str:
+    """A name for an error message: its repr, cut at `limit` characters (a manifest may hold names of any length,
+    and an error stays one short line)."""
+    if isinstance(name, str) and len(name) > limit:
+        return f"{name[:limit]!r}... ({len(name)} characters)"
+    return repr(name)[: limit + 2]
+
+
 def check_name(name: Any, what: str = "file name") -> str:
     """A manifest file name, checked to be a plain relative name (parts joined by `/`, none empty, `.` or `..`,
     no backslash or NUL, not absolute). Returns it; raises FaceLlavaError naming it otherwise."""
     if not isinstance(name, str) or not name:
-        raise FaceLlavaError(f"{what} {name!r} is not a file name")
+        raise FaceLlavaError(f"{what} {shown(name)} is not a file name")
     parts = name.split("/")
     if ("\\" in name or "\0" in name or name.startswith("/") or len(name) > 1024
             or any(part in ("", ".", "..") for part in parts) or name[1:2] == ":"):
-        raise FaceLlavaError(f"{what} {name!r} is not a plain name inside the bundle")
+        raise FaceLlavaError(f"{what} {shown(name)} is not a plain name inside the bundle")
     return name
 
 
@@ -165,8 +173,8 @@ class Manifest:
             raise bad("the top level", "an object")
         version = data.get("schema_version")
         if version != contract.MANIFEST_SCHEMA_VERSION:
-            shown = version if isinstance(version, int | str) and len(str(version)) < 20 else type(version).__name__
-            raise FaceLlavaError(f"{where} has schema version {shown}, this tool reads "
+            found = version if isinstance(version, int | str) and len(str(version)) < 20 else type(version).__name__
+            raise FaceLlavaError(f"{where} has schema version {found}, this tool reads "
                                  f"{contract.MANIFEST_SCHEMA_VERSION}; export the bundle again")
         for key in ("source", "contract", "files", "parity", "tools"):
             if not isinstance(data.get(key, {}), dict):
@@ -177,26 +185,26 @@ class Manifest:
         for name, entry in files.items():
             check_name(name, f"{where}: files key")
             if not isinstance(entry, dict):
-                raise bad(f"files[{name!r}]", "an object")
+                raise bad(f"files[{shown(name)}]", "an object")
             kind = entry.get("kind")
             for key in (*_REQUIRED_FIELDS, *_REQUIRED_BY_KIND.get(kind if isinstance(kind, str) else "", ())):
                 if key not in entry:
-                    raise bad(f"files[{name!r}].{key}", "present")
+                    raise bad(f"files[{shown(name)}].{key}", "present")
             for key, value in entry.items():
                 check, must = _ENTRY_FIELDS.get(key, (lambda v: True, ""))
                 if not check(value):
-                    raise bad(f"files[{name!r}].{key}", must)
+                    raise bad(f"files[{shown(name)}].{key}", must)
                 if key in _NAME_FIELDS:
-                    check_name(value, f"{where}: files[{name!r}].{key}")
+                    check_name(value, f"{where}: files[{shown(name)}].{key}")
             for extra in entry.get("external_data", []):
-                check_name(extra, f"{where}: files[{name!r}].external_data")
+                check_name(extra, f"{where}: files[{shown(name)}].external_data")
                 if extra not in files:
-                    raise bad(f"files[{name!r}].external_data", "names of files in the manifest")
+                    raise bad(f"files[{shown(name)}].external_data", "names of files in the manifest")
         parity = data.get("parity", {})
         for name, figures in parity.items():
             check_name(name, f"{where}: parity key")
             if not isinstance(figures, dict):
-                raise bad(f"parity[{name!r}]", "an object")
+                raise bad(f"parity[{shown(name)}]", "an object")
         source = data.get("source", {})
         if not isinstance(source.get("checkpoint", ""), str):
             raise bad("source.checkpoint", "a path")
@@ -461,14 +469,14 @@ class Bundle:
         FaceLlavaError when it is not in the manifest, leads outside, is missing or altered."""
         entry = self.files.get(name)
         if entry is None:
-            raise FaceLlavaError(f"{self.path} has no file {name!r} in its manifest")
+            raise FaceLlavaError(f"{self.path} has no file {shown(name)} in its manifest")
         path = self.verify(name)
         declared = {str(self.verify(extra)): extra for extra in entry.get("external_data", [])}
         if name.endswith(".onnx"):
             for location in onnx_external_data(path):
                 target = os.path.realpath(path.parent / location) if location else ""
                 if not location or os.path.isabs(location) or target not in declared:
-                    raise FaceLlavaError(f"bundle file {name} names external data {location[:80]!r} that its "
+                    raise FaceLlavaError(f"bundle file {name} names external data {shown(location)} that its "
                                          "manifest entry does not declare; the bundle was tampered with: export "
                                          "it again")
         return path
