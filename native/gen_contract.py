@@ -1,6 +1,6 @@
 """Write `native/src/contract_generated.hpp`: the contract constants the native runner needs, taken from
-`facellava.contract` (the one source of truth). `tests/test_native.py` regenerates it and compares, so the
-committed header cannot drift from the Python contract.
+`facellava.contract` (the one source of truth), and the manifest's vocabularies from `facellava.bundle`.
+`tests/test_native.py` regenerates it and compares, so the committed header cannot drift from the Python side.
 
     python native/gen_contract.py            # rewrite the header
     python native/gen_contract.py --check    # exit 1 when the committed header differs
@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from facellava import contract
+from facellava import bundle, contract
 
 HEADER = Path(__file__).resolve().parent / "src" / "contract_generated.hpp"
 LLM_PREFERENCE = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_0", "q4_k_m", "q4_0", "iq4_xs", "q3_k_s",
@@ -79,6 +79,10 @@ def render() -> str:
         + "};",
         "// contract_summary() as JSON: a manifest whose contract differs on any of these keys is refused",
         f"inline constexpr const char* SUMMARY_JSON = {c_string(json.dumps(contract.contract_summary()))};",
+        "// facellava/bundle.py's manifest vocabularies: a file's kind, a graph's precision and modality",
+        "inline constexpr const char* FILE_KINDS[] = {" + ", ".join(c_string(k) for k in bundle.FILE_KINDS) + "};",
+        "inline constexpr const char* PRECISIONS[] = {" + ", ".join(c_string(k) for k in bundle.PRECISIONS) + "};",
+        "inline constexpr const char* MODALITIES[] = {" + ", ".join(c_string(k) for k in bundle.MODALITIES) + "};",
         "// the GGUF types in order of preference (runtime/pipeline.py's LLM_PREFERENCE)",
         "inline constexpr const char* LLM_PREFERENCE[] = {" + ", ".join(c_string(t) for t in LLM_PREFERENCE) + "};",
         "",

@@ -26,9 +26,18 @@ namespace {
 
 constexpr const char* JOURNAL = ".commit.json";
 constexpr std::size_t MAX_MANIFEST_BYTES = std::size_t{64} << 20;
-const std::set<std::string> FILE_KINDS = {"vision", "llm", "engine", "data", "timing_cache"};
-const std::set<std::string> PRECISIONS = {"fp32", "fp16", "int8"};
-const std::set<std::string> MODALITIES = {"image", "video"};
+// the manifest's vocabularies, generated from facellava/bundle.py
+const std::set<std::string> FILE_KINDS(std::begin(contract::FILE_KINDS), std::end(contract::FILE_KINDS));
+const std::set<std::string> PRECISIONS(std::begin(contract::PRECISIONS), std::end(contract::PRECISIONS));
+const std::set<std::string> MODALITIES(std::begin(contract::MODALITIES), std::end(contract::MODALITIES));
+
+std::string one_of(const char* const* begin, const char* const* end) {
+    std::string out = "one of ";
+    for (auto it = begin; it != end; ++it) out += (it == begin ? "" : ", ") + std::string(*it);
+    return out;
+}
+const std::string KINDS_TEXT = one_of(std::begin(contract::FILE_KINDS), std::end(contract::FILE_KINDS));
+const std::string PRECISIONS_TEXT = one_of(std::begin(contract::PRECISIONS), std::end(contract::PRECISIONS));
 
 std::string repr(const std::string& text) {
     // Python's repr of a str, near enough for messages: single quotes, control characters escaped
@@ -114,9 +123,9 @@ const std::map<std::string, FieldCheck>& entry_fields() {
     static const std::map<std::string, FieldCheck> fields = {
         {"sha256", {hex64, "64 lower-case hex digits"}},
         {"bytes", {count, "a non-negative integer"}},
-        {"kind", {[](const json& v) { return in_set(v, FILE_KINDS); }, "one of vision, llm, engine, data, timing_cache"}},
+        {"kind", {[](const json& v) { return in_set(v, FILE_KINDS); }, KINDS_TEXT.c_str()}},
         {"modality", {[](const json& v) { return in_set(v, MODALITIES); }, "image or video"}},
-        {"precision", {[](const json& v) { return in_set(v, PRECISIONS); }, "one of fp32, fp16, int8"}},
+        {"precision", {[](const json& v) { return in_set(v, PRECISIONS); }, PRECISIONS_TEXT.c_str()}},
         {"landmarks", {[](const json& v) { return v.is_boolean(); }, "true or false"}},
         {"type", {identifier, "a GGUF type name"}},
         {"external_data", {name_list, "a list of file names"}},
