@@ -51,8 +51,7 @@ class StreamedPrompt:
     @property
     def positions(self) -> int:
         """How many LLM positions the prompt fills (each marker replaced by its block)."""
-        markers = self.input_ids.count(contract.IMAGE_TOKEN_INDEX)
-        return len(self.input_ids) - markers + sum(len(b) for b in self.visual_blocks)
+        return contract.spliced_length(self.input_ids, [len(block) for block in self.visual_blocks])
 
 
 @dataclass
@@ -112,25 +111,13 @@ class LayerStream:
         """The input embeddings [positions, D] of a prompt followed by continuation tokens: text rows looked up in
         the (memory-mapped) embedding table, each IMAGE_TOKEN_INDEX replaced by its visual block, as
         `FaceLlava.embed_prompt` does. Raises ValueError when blocks and markers do not pair up."""
-        ids = [*prompt.input_ids, *continuation]
-        blocks = iter(prompt.visual_blocks)
-        if ids.count(contract.IMAGE_TOKEN_INDEX) != len(prompt.visual_blocks):
-            raise ValueError(f"the prompt has {ids.count(contract.IMAGE_TOKEN_INDEX)} visual positions but "
-                             f"{len(prompt.visual_blocks)} visual blocks were given")
+        plan = contract.splice_plan([*prompt.input_ids, *continuation], len(prompt.visual_blocks))
         key = "model.embed_tokens.weight"
         if key not in self.weights.weight_map:
             raise FaceLlavaError(f"{self.weights.directory}: missing tensor {key}")
         table = self.weights.get(key)
-        pieces, text = [], []
-        for token in [*ids, None]:
-            if token is not None and token != contract.IMAGE_TOKEN_INDEX:
-                text.append(token)
-                continue
-            if text:
-                pieces.append(table[torch.tensor(text, dtype=torch.long)].to(torch.float32))
-                text = []
-            if token == contract.IMAGE_TOKEN_INDEX:
-                pieces.append(torch.as_tensor(next(blocks), dtype=torch.float32))
+        pieces = [table[torch.tensor(run.ids, dtype=torch.long)].to(torch.float32) if run.block is None
+                  else torch.as_tensor(prompt.visual_blocks[run.block], dtype=torch.float32) for run in plan]
         self.weights.release(key)
         return torch.cat(pieces)
 

@@ -205,8 +205,7 @@ class ChatSession:
         else:
             if visual_blocks is None:
                 raise ValueError("visual_blocks are needed: the KV cache does not hold this medium")
-            visual_positions = sum(len(block) for block in visual_blocks)
-            result.prompt_positions = len(ids) - ids.count(contract.IMAGE_TOKEN_INDEX) + visual_positions
+            result.prompt_positions = contract.spliced_length(ids, [len(block) for block in visual_blocks])
         if result.prompt_positions + 1 > self.llm.n_ctx:
             raise FaceLlavaError(f"the prompt takes {result.prompt_positions} positions and the context holds "
                                  f"{self.llm.n_ctx}; shorten the question or open the LLM with a larger context")
