@@ -20,7 +20,9 @@ export. MediaPipe's models are Apache-2.0: their notice travels in the bundle (`
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
+import json
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -33,7 +35,7 @@ import onnx
 from tqdm import tqdm
 
 from facellava import contract
-from facellava.bundle import Bundle, BundleWriter
+from facellava.bundle import BundleWriter
 from facellava.errors import FaceLlavaError
 from facellava.export import fidelity
 from facellava.export.tflite_onnx import OPSET, convert_tflite, read_tflite
@@ -255,6 +257,16 @@ def io_shapes(graph: onnx.ModelProto) -> tuple[dict[str, Any], dict[str, Any]]:
     return shapes(graph.graph.input), shapes(graph.graph.output)
 
 
+@functools.lru_cache(maxsize=8)
+def _converted(key: str, path: Path, sha256: str, photo: str | Path | None, photo_sha256: str | None
+               ) -> tuple[bytes, str]:
+    """One model's ONNX graph (serialized) and its parity record against MediaPipe (JSON; each caller judges it
+    against the limits again), made once per process for a `.tflite` content and parity photograph: conversion and
+    MediaPipe's reference take seconds, and an `export vision` after an `export front-end` needs the same."""
+    graph = convert_tflite(path)
+    return graph.SerializeToString(), json.dumps(check_graph(MODELS[key], graph, path, photo))
+
+
 def write_front_end(writer: BundleWriter, models_dir: str | Path | None = None, allow_drift: bool = False,
                     photo: str | Path | None = None, progress: bool = True) -> FrontEndExport:
     """Convert the three front-end models, check each against MediaPipe, and add them (and the licence notice)
@@ -266,24 +278,24 @@ def write_front_end(writer: BundleWriter, models_dir: str | Path | None = None, 
     entries: dict[str, dict[str, Any]] = {}
     records: dict[str, dict[str, Any]] = {}
     seconds: dict[str, float] = {}
-    with tqdm(total=2 * len(MODELS), desc="export front-end", unit="step", disable=not progress) as bar:
+    photo_sha256 = None if photo is None else contract.file_sha256(photo)
+    with tqdm(total=len(MODELS), desc="export front-end", unit="model", disable=not progress) as bar:
         for key, model in MODELS.items():
             start = time.perf_counter()
-            bar.set_postfix_str(f"{model.file}: convert")
-            graph = convert_tflite(paths[key])
-            staged = writer.stage(model.file)
-            onnx.save(graph, staged)
-            bar.update()
-            bar.set_postfix_str(f"{model.file}: parity")
-            records[model.file] = check_graph(model, graph, paths[key], photo)
+            bar.set_postfix_str(f"{model.file}: convert and check")
+            sha256 = contract.file_sha256(paths[key])
+            data, record = _converted(key, paths[key], sha256, photo, photo_sha256)
+            writer.stage(model.file).write_bytes(data)
+            records[model.file] = json.loads(record)
+            fidelity.judge(records[model.file], model.limits)
             bar.update()
             seconds[model.file] = time.perf_counter() - start
-            inputs, outputs = io_shapes(graph)
+            inputs, outputs = io_shapes(onnx.load_from_string(data))
             entries[model.file] = {
                 "kind": KIND, "model": key, "precision": "fp32", "inputs": inputs, "outputs": outputs,
                 "input_range": list(model.input_range), "layout": "NHWC", "opset": OPSET,
                 "source_file": paths[key].name,
-                "source_file_sha256": contract.file_sha256(paths[key]), "converter": "facellava.export.tflite_onnx",
+                "source_file_sha256": sha256, "converter": "facellava.export.tflite_onnx",
                 "licence": "Apache-2.0", "notice": NOTICE_NAME,
             }
     misses = [f"{name} misses its parity limits against MediaPipe ({fidelity.describe_limits(r['limits'])}): "
@@ -309,12 +321,6 @@ def export_front_end(bundle_dir: str | Path, models_dir: str | Path | None = Non
     find_models(models_dir)  # a missing model is reported before the bundle is touched
     with BundleWriter.transaction(bundle_dir) as writer:
         return write_front_end(writer, models_dir, allow_drift, photo, progress)
-
-
-def has_front_end(bundle_dir: str | Path) -> bool:
-    """Whether the bundle lists all three front-end graphs."""
-    bundle = Bundle.open(bundle_dir)
-    return all(bundle.find(KIND, model=key) for key in MODELS)
 
 
 def add_front_end_if_missing(writer: BundleWriter, models_dir: str | Path | None = None,
