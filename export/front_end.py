@@ -40,8 +40,15 @@ from facellava.errors import FaceLlavaError
 from facellava.export import fidelity
 from facellava.export.tflite_onnx import OPSET, convert_tflite, read_tflite
 from facellava.runtime.assets import face_photo
+from facellava.runtime.face_graphs import (
+    FRONT_END_KIND,
+    FULL_RANGE_FILE,
+    MESH_FILE,
+    SHORT_RANGE_FILE,
+    has_front_end_graphs,
+)
 
-KIND = "front_end"
+KIND = FRONT_END_KIND
 NOTICE_NAME = "NOTICE-mediapipe.txt"
 
 
@@ -59,13 +66,13 @@ class FrontEndModel:
 # Limits: several times the worst figures measured on the parity inputs (max-abs 1.4e-4 mesh, 3.1e-4 detector
 # logits; rel_err <= 1.2e-6: the float sums run in another order). Mesh coordinates are input pixels (0..192).
 MODELS: dict[str, FrontEndModel] = {
-    "short_range": FrontEndModel("face_detector_short_range.onnx",
+    "short_range": FrontEndModel(SHORT_RANGE_FILE,
                                  "face_detection/face_detection_short_range.tflite", 128, (-1.0, 1.0),
                                  {"max_abs_max": 2e-3, "rel_err_max": 1e-5}),
-    "full_range": FrontEndModel("face_detector_full_range.onnx",
+    "full_range": FrontEndModel(FULL_RANGE_FILE,
                                 "face_detection/face_detection_full_range_sparse.tflite", 192, (-1.0, 1.0),
                                 {"max_abs_max": 2e-3, "rel_err_max": 1e-5}),
-    "face_mesh": FrontEndModel("face_mesh.onnx", "face_landmark/face_landmark_with_attention.tflite", 192,
+    "face_mesh": FrontEndModel(MESH_FILE, "face_landmark/face_landmark_with_attention.tflite", 192,
                                (0.0, 1.0), {"max_abs_max": 5e-3, "rel_err_max": 1e-5}),
 }
 
@@ -327,6 +334,6 @@ def add_front_end_if_missing(writer: BundleWriter, models_dir: str | Path | None
                              progress: bool = True) -> FrontEndExport | None:
     """For the other exports, inside their own transaction: the front-end graphs when the bundle lacks any of
     them (see `write_front_end`); None, and nothing done, when it has them all."""
-    if all(writer.manifest.find(KIND, model=key) for key in MODELS):
+    if has_front_end_graphs(writer.manifest):
         return None
     return write_front_end(writer, models_dir, progress=progress)

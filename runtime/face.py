@@ -43,7 +43,7 @@ from facellava.contract import (
     video_frame_indices,
 )
 from facellava.errors import FaceLlavaError
-from facellava.runtime.face_graphs import FRONT_END_FILES, Detection, FrontEndGraphs
+from facellava.runtime.face_graphs import FRONT_END_FILES, Detection, FrontEndGraphs, has_front_end_graphs
 from facellava.runtime.preprocess import SQUARE_FILL, expand2square
 
 if TYPE_CHECKING:
@@ -505,12 +505,6 @@ class MediaPipeGraphs:
 
 
 FRONT_ENDS = ("auto", "graphs", "mediapipe")
-
-
-def has_front_end_graphs(bundle: Bundle) -> bool:
-    """Whether the bundle's manifest lists the three front-end graphs (`facellava export front-end`)."""
-    present = set(bundle.find("front_end"))
-    return all(name in present for name in FRONT_END_FILES.values())
 
 
 class FaceFrontEnd:

@@ -33,6 +33,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -47,6 +48,14 @@ SHORT_RANGE_FILE = "face_detector_short_range.onnx"
 FULL_RANGE_FILE = "face_detector_full_range.onnx"
 MESH_FILE = "face_mesh.onnx"
 FRONT_END_FILES = {"short_range": SHORT_RANGE_FILE, "full_range": FULL_RANGE_FILE, "mesh": MESH_FILE}
+FRONT_END_KIND = "front_end"  # their manifest kind
+
+
+def has_front_end_graphs(manifest: Any) -> bool:
+    """Whether a bundle's manifest (a `Bundle` or `Manifest`: anything with `find(kind)`) lists the three
+    front-end graphs."""
+    present = set(manifest.find(FRONT_END_KIND))
+    return all(name in present for name in FRONT_END_FILES.values())
 
 MESH_SIDE = 192
 MESH_SCALE = 1.5  # RectTransformationCalculator around the face detection, on the square of its long side
@@ -261,7 +270,7 @@ class FrontEndGraphs:
         height, width = rgb.shape[:2]
         roi = letterbox_roi(width, height, spec.side)
         outputs = list(self.networks[model](image_to_tensor(rgb, roi, spec.side, (-1.0, 1.0))).values())
-        regressors = next(array for array in outputs if array.shape[-1] == 4 + 2 * NUM_KEYPOINTS + 0)
+        regressors = next(array for array in outputs if array.shape[-1] == 4 + 2 * NUM_KEYPOINTS)
         logits = next(array for array in outputs if array.shape[-1] == 1)
         boxes, keypoints, scores = decode_detections(regressors, logits, self._anchors[model], spec.side,
                                                      spec.min_score if min_score is None else min_score)
