@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from facellava import contract
+from facellava.atomic import atomic_file
 from facellava.errors import FaceLlavaError
 from facellava.export import fidelity
 from facellava.runtime.assets import face_photo, face_photo_record
@@ -79,7 +80,7 @@ def write_face_photo_asset(path: str | Path | None = None) -> Path:
 
     target = Path(path) if path is not None else face_photo().parent / FACE_PHOTO_ASSET
     record = front_end_record(load_image(face_photo()))
-    with open(target, "wb") as handle:
+    with atomic_file(target) as temp, open(temp, "wb") as handle:  # never a half-written asset
         np.savez(handle, photo_sha256=np.str_(contract.file_sha256(face_photo())), **record)
     return target
 
