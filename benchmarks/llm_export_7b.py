@@ -33,8 +33,12 @@ for `export vision`.
 
 `--layers N` (and `--hidden`, `--tower-layers`) make quick runs; `--stop-at HH:MM` (UTC) kills the command running
 at that time, skips the rest and still prints the table. Everything is deleted at the end unless --keep.
+The figures so far are written to `WORKDIR/results.json` after each command; `--resume` (implies --keep) goes on in
+an existing workdir: the checkpoint and every command that succeeded are kept with their figures, the others run
+(the full 32-layer run takes longer than one sitting on 2 cores).
 
     python benchmarks/llm_export_7b.py [--layers 32] [--workdir /tmp/facellava-scale] [--keep] [--stop-at 18:30]
+    python benchmarks/llm_export_7b.py --resume [--commands ...] [--stop-at 01:00]   (same workdir and shape flags)
 
 `write_checkpoint` is also used by `llm_reference_memory.py`.
 """
@@ -458,6 +462,8 @@ def main() -> None:
                         help="LanguageBind tower layers (24; fewer only for a quick run)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/facellava-scale"))
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint, the bundle and the logs")
+    parser.add_argument("--resume", action="store_true",
+                        help="go on in an existing --workdir: keep its checkpoint and the commands that succeeded")
     parser.add_argument("--layers-per-shard", type=int, default=4)
     parser.add_argument("--commands", default=",".join(COMMANDS), help="which commands, in this order")
     parser.add_argument("--vision-modalities", default="image,video",
@@ -490,36 +496,58 @@ def main() -> None:
         hour, minute = (int(x) for x in args.stop_at.split(":"))
         stop_at = datetime.datetime.now(datetime.timezone.utc).replace(hour=hour, minute=minute, second=0,
                                                                         microsecond=0)
-    if args.workdir.exists():
-        raise SystemExit(f"{args.workdir} exists; remove it or choose another --workdir")
-    args.workdir.mkdir(parents=True)
+    results = args.workdir / "results.json"
+    earlier: dict = {"prepared": None, "rows": []}
+    if args.resume:
+        args.keep = True
+        if not results.is_file():
+            raise SystemExit(f"--resume: {results} does not exist (no earlier run in {args.workdir})")
+        earlier = json.loads(results.read_text())
+    elif args.workdir.exists():
+        raise SystemExit(f"{args.workdir} exists; remove it, choose another --workdir, or --resume")
+    args.workdir.mkdir(parents=True, exist_ok=args.resume)
     logs = args.workdir / "logs"
-    logs.mkdir()
+    logs.mkdir(exist_ok=args.resume)
+    done = {row["command"]: row for row in earlier["rows"] if row["returncode"] == 0}
     env = {**os.environ, "HF_HOME": str(args.workdir / "hf_home"), "FACELLAVA_CACHE": str(args.workdir / "cache"),
            "HF_HUB_OFFLINE": "1"}
     env.pop("HF_HUB_CACHE", None)
     cap_kb = int(args.memory_cap_gb * 2**20)
     rows: list[dict] = []
-    prepared = None
+    prepared = earlier["prepared"]
+
+    def save() -> None:  # after every step, so that a stopped or killed run can be resumed
+        kept = [row for name, row in done.items() if name not in {r["command"] for r in rows}]
+        results.write_text(json.dumps({"prepared": prepared, "rows": kept + rows}, indent=1))
+
     print(f"{datetime.datetime.now(datetime.timezone.utc):%H:%M:%S} UTC, workdir {args.workdir}", flush=True)
     try:
-        step = measure("write checkpoint", [sys.executable, __file__, "--child-prepare", "--workdir",
-                                            str(args.workdir), "--layers", str(args.layers), "--hidden",
-                                            str(args.hidden), "--tower-layers", str(args.tower_layers),
-                                            "--layers-per-shard", str(args.layers_per_shard)],
-                       env, logs, cap_kb, stop_at)
-        if step["returncode"] != 0:
-            raise SystemExit(f"writing the checkpoint failed: {step['error']}")
-        prepared = json.loads(Path(step["stdout"]).read_text().strip().splitlines()[-1])
+        if prepared is None:
+            step = measure("write checkpoint", [sys.executable, __file__, "--child-prepare", "--workdir",
+                                                str(args.workdir), "--layers", str(args.layers), "--hidden",
+                                                str(args.hidden), "--tower-layers", str(args.tower_layers),
+                                                "--layers-per-shard", str(args.layers_per_shard)],
+                           env, logs, cap_kb, stop_at)
+            if step["returncode"] != 0:
+                raise SystemExit(f"writing the checkpoint failed: {step['error']}")
+            prepared = json.loads(Path(step["stdout"]).read_text().strip().splitlines()[-1])
+            save()
         commands = _commands(args.workdir, args)
         for name in chosen:
+            if name in done:
+                print(f"[{name}] kept from the earlier run: {done[name]['wall_s']:.0f} s, peak RssAnon "
+                      f"{done[name]['peak_anon_gb']:.2f} GB", flush=True)
+                rows.append(done[name])
+                continue
             row = measure(name, commands[name], env, logs, cap_kb, stop_at)
             rows.append(row)
             if name.startswith("run") and row["returncode"] == 0:
                 row["llm"] = args.run_llm
                 _run_speeds(row, args.workdir / "bundle", env, logs, cap_kb, stop_at)
+            save()
     except Stopped as stopped:
         rows.append(stopped.args[0])
+        save()
         print(f"stopped at {args.stop_at} UTC; not run: {', '.join(chosen[len(rows):]) or 'none'}", flush=True)
     finally:
         _print_table(rows, args, prepared)
