@@ -494,8 +494,10 @@ def main() -> None:
     stop_at = None
     if args.stop_at:
         hour, minute = (int(x) for x in args.stop_at.split(":"))
-        stop_at = datetime.datetime.now(datetime.timezone.utc).replace(hour=hour, minute=minute, second=0,
-                                                                        microsecond=0)
+        now = datetime.datetime.now(datetime.timezone.utc)
+        stop_at = now.replace(hour=hour, minute=minute, second=0, microsecond=0)
+        if stop_at <= now:  # the next such time: 00:40 given at 22:30 is tomorrow's
+            stop_at += datetime.timedelta(days=1)
     results = args.workdir / "results.json"
     earlier: dict = {"prepared": None, "rows": []}
     if args.resume:
