@@ -64,6 +64,8 @@ def build_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workspace-gb", type=float, default=2.0, help="builder workspace limit (default 2 GB)")
     parser.add_argument("--allow-drift", action="store_true", help="keep engines that miss their parity threshold")
     parser.add_argument("--seed", type=int, help="seed of the random parity inputs (default: fresh, recorded)")
+    parser.add_argument("--no-front-end", action="store_true",
+                        help="leave the face front end's graphs to ONNX Runtime (default: engines of them too)")
 
 
 def build_engine(args: argparse.Namespace) -> int:
@@ -72,7 +74,7 @@ def build_engine(args: argparse.Namespace) -> int:
 
     entries = build_engines(args.bundle, modalities=args.modalities, precisions=args.precision,
                             max_batch=args.max_batch, opt_batch=args.opt_batch, workspace_gb=args.workspace_gb,
-                            allow_drift=args.allow_drift, seed=args.seed)
+                            allow_drift=args.allow_drift, seed=args.seed, front_end=not args.no_front_end)
     parity = json.loads((args.bundle / contract.MANIFEST_NAME).read_text())["parity"]
     for name, entry in entries.items():
         print(f"{name}  {entry['bytes'] / 1e6:.1f} MB  built in {entry['build_seconds']:.0f} s  "

@@ -41,9 +41,13 @@ from facellava.export import fidelity
 from facellava.export.tflite_onnx import OPSET, convert_tflite, read_tflite
 from facellava.runtime.assets import face_photo
 from facellava.runtime.face_graphs import (
+    DETECTOR_RANGE,
+    DETECTORS,
     FRONT_END_KIND,
     FULL_RANGE_FILE,
     MESH_FILE,
+    MESH_RANGE,
+    MESH_SIDE,
     SHORT_RANGE_FILE,
     has_front_end_graphs,
 )
@@ -67,13 +71,13 @@ class FrontEndModel:
 # logits; rel_err <= 1.2e-6: the float sums run in another order). Mesh coordinates are input pixels (0..192).
 MODELS: dict[str, FrontEndModel] = {
     "short_range": FrontEndModel(SHORT_RANGE_FILE,
-                                 "face_detection/face_detection_short_range.tflite", 128, (-1.0, 1.0),
-                                 {"max_abs_max": 2e-3, "rel_err_max": 1e-5}),
+                                 "face_detection/face_detection_short_range.tflite", DETECTORS["short_range"].side,
+                                 DETECTOR_RANGE, {"max_abs_max": 2e-3, "rel_err_max": 1e-5}),
     "full_range": FrontEndModel(FULL_RANGE_FILE,
-                                "face_detection/face_detection_full_range_sparse.tflite", 192, (-1.0, 1.0),
-                                {"max_abs_max": 2e-3, "rel_err_max": 1e-5}),
-    "face_mesh": FrontEndModel(MESH_FILE, "face_landmark/face_landmark_with_attention.tflite", 192,
-                               (0.0, 1.0), {"max_abs_max": 5e-3, "rel_err_max": 1e-5}),
+                                "face_detection/face_detection_full_range_sparse.tflite", DETECTORS["full_range"].side,
+                                DETECTOR_RANGE, {"max_abs_max": 2e-3, "rel_err_max": 1e-5}),
+    "face_mesh": FrontEndModel(MESH_FILE, "face_landmark/face_landmark_with_attention.tflite", MESH_SIDE,
+                               MESH_RANGE, {"max_abs_max": 5e-3, "rel_err_max": 1e-5}),
 }
 
 # The face in the shipped 512x512 photograph: the 1.5x square (x0, y0, x1, y1) around MediaPipe's short-range

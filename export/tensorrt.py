@@ -18,12 +18,28 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 from facellava import contract
 from facellava.bundle import BundleWriter
 from facellava.errors import FaceLlavaError
 from facellava.export import fidelity, parity
+from facellava.runtime.assets import face_photo
+from facellava.runtime.face_graphs import (
+    DETECTOR_RANGE,
+    DETECTORS,
+    FRONT_END_ENGINE_KIND,
+    FRONT_END_FILES,
+    MESH_BORDER,
+    MESH_RANGE,
+    MESH_SIDE,
+    FrontEndGraphs,
+    has_front_end_graphs,
+    image_to_tensor,
+    letterbox_roi,
+    onnx_networks,
+)
 from facellava.runtime.tensorrt_runner import GpuInfo, TensorRTRunner, gpu_info, import_tensorrt
 
 ENGINES_DIR = "engines"
@@ -68,12 +84,18 @@ def build_engine(onnx_path: Path, engine_path: Path, *, max_batch: int, opt_batc
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
     if hasattr(trt.BuilderFlag, "TF32"):  # the graph says float32; TF32 would drop 13 mantissa bits
         config.clear_flag(trt.BuilderFlag.TF32)
-    profile = builder.create_optimization_profile()
-    for i in range(network.num_inputs):
-        tensor = network.get_input(i)
-        rest = tuple(tensor.shape)[1:]
-        profile.set_shape(tensor.name, (1, *rest), (opt_batch, *rest), (max_batch, *rest))
-    config.add_optimization_profile(profile)
+    # one profile over the batch of the inputs whose batch is dynamic (the vision graphs'); a graph of static
+    # shapes (the front end's, batch 1 as MediaPipe ships them) needs none
+    inputs = [network.get_input(i) for i in range(network.num_inputs)]
+    dynamic = [tensor for tensor in inputs if int(tuple(tensor.shape)[0]) < 0]
+    if dynamic:
+        profile = builder.create_optimization_profile()
+        for tensor in dynamic:
+            rest = tuple(tensor.shape)[1:]
+            profile.set_shape(tensor.name, (1, *rest), (opt_batch, *rest), (max_batch, *rest))
+        config.add_optimization_profile(profile)
+    else:
+        max_batch = opt_batch = int(tuple(inputs[0].shape)[0])
     cache_bytes = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
     cache = config.create_timing_cache(cache_bytes)
     config.set_timing_cache(cache, False)
@@ -100,14 +122,17 @@ def _limits(entry: dict[str, Any]) -> dict[str, float]:
 def build_engines(bundle: str | Path, *, modalities: str | Sequence[str] = parity.MODALITIES,
                   precisions: str | Sequence[str] = parity.ENGINE_PRECISIONS, max_batch: int = 4, opt_batch: int = 1,
                   workspace_gb: float = 2.0, allow_drift: bool = False, seed: int | None = None,
-                  progress: bool = True) -> dict[str, dict[str, Any]]:
-    """Build engines for the bundle's vision graphs of the given modalities and precisions, on GPU 0.
+                  front_end: bool = True, progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Build engines for the bundle's vision graphs of the given modalities and precisions, on GPU 0, and (with
+    `front_end`) for its face front-end graphs.
 
-    Each engine is run on random inputs (batch up to 2) and the face photograph and compared with ONNX Runtime on
-    the FP32 graph of its variant (the graph itself when the bundle has no FP32 one), against the limits of
-    its precision; a miss fails the build unless `allow_drift`. Engines of an earlier build for the same GPU and
-    TensorRT version are replaced. Returns the manifest entries of the new engines. Raises FaceLlavaError for a
-    bundle without vision graphs or whose files do not match their hashes, bad arguments, no TensorRT or GPU.
+    Each vision engine is run on random inputs (batch up to 2) and the face photograph and compared with ONNX
+    Runtime on the FP32 graph of its variant (the graph itself when the bundle has no FP32 one), against the
+    limits of its precision; each front-end engine (static shapes, FP32) against ONNX Runtime on its own graph, on
+    a random tensor and on what the front end feeds it for the face photograph (`front_end_parity_inputs`). A miss
+    fails the build unless `allow_drift`. Engines of an earlier build for the same GPU and TensorRT version are
+    replaced. Returns the manifest entries of the new engines. Raises FaceLlavaError for a bundle without vision
+    graphs or whose files do not match their hashes, bad arguments, no TensorRT or GPU.
     """
     modalities = parity.parse_choices(modalities, parity.MODALITIES, "modality")
     precisions = parity.parse_choices(precisions, parity.ENGINE_PRECISIONS, "precision")
@@ -118,11 +143,11 @@ def build_engines(bundle: str | Path, *, modalities: str | Sequence[str] = parit
                              "vision` first")
     with BundleWriter.transaction(bundle, create=False) as writer:
         return _build_into(writer, modalities, precisions, max_batch, opt_batch, workspace_gb, allow_drift, seed,
-                           progress)
+                           front_end, progress)
 
 
 def _build_into(writer: BundleWriter, modalities: Sequence[str], precisions: Sequence[str], max_batch: int,
-                opt_batch: int, workspace_gb: float, allow_drift: bool, seed: int | None,
+                opt_batch: int, workspace_gb: float, allow_drift: bool, seed: int | None, front_end: bool,
                 progress: bool) -> dict[str, dict[str, Any]]:
     files = writer.bundle.files
     graphs = [name for name, entry in files.items() if entry.get("kind") == "vision"
@@ -164,6 +189,9 @@ def _build_into(writer: BundleWriter, modalities: Sequence[str], precisions: Seq
             "compute_capability": gpu.compute_capability, **details}
         writer.stage(f"{rel}.json").write_text(json.dumps(
             {k: v for k, v in entries[rel].items() if k != "kind"}, indent=2) + "\n")
+    if front_end and has_front_end_graphs(writer.bundle):
+        _build_front_end(writer, folder, gpu, staged_cache, int(workspace_gb * (1 << 30)), seed, entries, records,
+                         progress)
     misses = [parity.describe_miss(n, r) for n, r in records.items() if not r["passed"]]
     if misses and not allow_drift:
         raise FaceLlavaError(misses[0] + (f" (and {len(misses) - 1} more)" if len(misses) > 1 else ""))
@@ -172,3 +200,63 @@ def _build_into(writer: BundleWriter, modalities: Sequence[str], precisions: Seq
         writer.add(f"{rel}.json", "data", part_of=rel)
     writer.add(cache_name, "timing_cache", tensorrt=trt.__version__, gpu=gpu.name)
     return {rel: writer.manifest.files[rel] for rel in entries}
+
+
+def front_end_parity_inputs(graphs: FrontEndGraphs, seed: int, photo: str | Path | None = None
+                            ) -> dict[str, dict[str, np.ndarray]]:
+    """{model: {"random": a tensor uniform in the model's input range, "face_photo": the tensor the front end
+    feeds it for the face photograph}}: both detectors get the letterboxed photograph, the mesh the rotated
+    region of the photograph's first detection (found by `graphs`). Raises FaceLlavaError when no face is found."""
+    from facellava.runtime.face import load_image
+
+    rgb = load_image(Path(photo) if photo is not None else face_photo())
+    height, width = rgb.shape[:2]
+    rng = np.random.default_rng(seed)
+    inputs: dict[str, dict[str, np.ndarray]] = {}
+    for model, spec in DETECTORS.items():
+        tensor = image_to_tensor(rgb, letterbox_roi(width, height, spec.side), spec.side, DETECTOR_RANGE)
+        inputs[model] = {"random": rng.uniform(*DETECTOR_RANGE, tensor.shape).astype(np.float32),
+                         "face_photo": tensor}
+    found = graphs.detections(rgb, "short_range")
+    if not found:
+        raise FaceLlavaError("the front end finds no face in the face photograph")
+    roi = graphs.mesh_roi(found[0], width, height)
+    tensor = image_to_tensor(rgb, roi, MESH_SIDE, MESH_RANGE, MESH_BORDER)
+    inputs["mesh"] = {"random": rng.uniform(*MESH_RANGE, tensor.shape).astype(np.float32), "face_photo": tensor}
+    return inputs
+
+
+def _build_front_end(writer: BundleWriter, folder: str, gpu: GpuInfo, timing_cache: Path, workspace_bytes: int,
+                     seed: int, entries: dict[str, dict[str, Any]], records: dict[str, dict[str, Any]],
+                     progress: bool) -> None:
+    """Engines of the three front-end graphs, each checked against ONNX Runtime (CPU) on its own FP32 graph with
+    the FP32 limits; adds to `entries` and `records`."""
+    files = writer.bundle.files
+    paths = {model: writer.bundle.path_of(name) for model, name in FRONT_END_FILES.items()}
+    reference = FrontEndGraphs(onnx_networks(paths))
+    try:
+        inputs = front_end_parity_inputs(reference, seed)
+        for model, name in tqdm(FRONT_END_FILES.items(), desc="build front-end engines", unit="engine",
+                                disable=not progress):
+            source = files[name]
+            rel = f"{folder}/{engine_name(name)}"
+            engine_path = writer.stage(rel)
+            details = build_engine(paths[model], engine_path, max_batch=1, workspace_bytes=workspace_bytes,
+                                   timing_cache=timing_cache)
+            network = reference.networks[model]
+            per_input = {}
+            with TensorRTRunner(engine_path) as runner:
+                for key, tensor in inputs[model].items():
+                    expected = network(tensor)
+                    actual = runner.run({runner.input_names[0]: tensor})
+                    per_input[key] = fidelity.worst([fidelity.compare(actual[output], value)
+                                                     for output, value in expected.items()])
+            records[rel] = {"reference": f"onnxruntime CPUExecutionProvider on {name}", "seed": seed,
+                            **parity.parity_record(per_input, parity.LIMITS["fp32"])}
+            entries[rel] = {"kind": FRONT_END_ENGINE_KIND, "model": source.get("model", model), "source": name,
+                            "source_onnx_sha256": source["sha256"], "gpu": gpu.name,
+                            "compute_capability": gpu.compute_capability, **details}
+            writer.stage(f"{rel}.json").write_text(json.dumps(
+                {k: v for k, v in entries[rel].items() if k != "kind"}, indent=2) + "\n")
+    finally:
+        reference.close()

@@ -48,7 +48,7 @@ LOCK = ".lock"
 STAGING_PREFIX = ".staging-"
 BOOKKEEPING = (LOCK, VERIFIED_CACHE)  # files a bundle may hold besides its manifest and the files it lists
 MAX_MANIFEST_BYTES = 64 << 20  # a manifest is kilobytes; refuse to parse a giant one
-FILE_KINDS = ("vision", "llm", "engine", "data", "timing_cache", "front_end")
+FILE_KINDS = ("vision", "llm", "engine", "data", "timing_cache", "front_end", "front_end_engine")
 PRECISIONS = ("fp32", "fp16", "int8")
 MODALITIES = ("image", "video")
 TOOL_PACKAGES = ("torch", "transformers", "onnx", "onnxruntime", "gguf", "llama_cpp_python", "sentencepiece",
@@ -137,10 +137,11 @@ _ENTRY_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "outputs": (lambda v: v is None or isinstance(v, dict), "an object"),
     "gpu": (lambda v: isinstance(v, str), "a string"),
     "tensorrt": (lambda v: isinstance(v, str), "a string"),
+    "model": (lambda v: isinstance(v, str) and v.isidentifier(), "a front-end model name"),
 }
 _REQUIRED_FIELDS = ("sha256", "bytes", "kind")
 _REQUIRED_BY_KIND = {"vision": ("modality", "precision", "landmarks"), "engine": ("modality", "precision",
-                     "landmarks", "source"), "llm": ("type",)}
+                     "landmarks", "source"), "llm": ("type",), "front_end_engine": ("model", "source")}
 _NAME_FIELDS = ("part_of", "source")
 
 

@@ -43,7 +43,7 @@ from facellava.contract import (
     video_frame_indices,
 )
 from facellava.errors import FaceLlavaError
-from facellava.runtime.face_graphs import FRONT_END_FILES, Detection, FrontEndGraphs, has_front_end_graphs
+from facellava.runtime.face_graphs import Detection, FrontEndGraphs, has_front_end_graphs
 from facellava.runtime.preprocess import SQUARE_FILL, expand2square
 
 if TYPE_CHECKING:
@@ -543,12 +543,13 @@ class FaceFrontEnd:
         self.backend = "graphs" if graphs is not None else "mediapipe"
 
     @classmethod
-    def from_bundle(cls, bundle: Bundle, front_end: str = "auto", providers: Sequence[object] | None = None,
+    def from_bundle(cls, bundle: Bundle, front_end: str = "auto", device: str = "auto",
                     **options: Any) -> FaceFrontEnd:
-        """The front end for a bundle: `front_end` "graphs" runs the bundle's front-end ONNX graphs on ONNX Runtime
-        with `providers` (default CPU), "mediapipe" runs MediaPipe, "auto" the graphs when the bundle has them and
-        MediaPipe otherwise. `options` go to the constructor. Raises FaceLlavaError for an unknown choice, graphs
-        asked for that the bundle lacks, or neither graphs nor MediaPipe available."""
+        """The front end for a bundle: `front_end` "graphs" runs the bundle's front-end graphs on `device`
+        (`FrontEndGraphs.from_bundle`: their TensorRT engines where built for this GPU, else ONNX Runtime on the
+        best provider installed; "cpu" for the CPU alone), "mediapipe" runs MediaPipe, "auto" the graphs when the
+        bundle has them and MediaPipe otherwise. `options` go to the constructor. Raises FaceLlavaError for an
+        unknown choice, graphs asked for that the bundle lacks, or neither graphs nor MediaPipe available."""
         if front_end not in FRONT_ENDS:
             raise FaceLlavaError(f"unknown front end {front_end!r}; choose from {', '.join(FRONT_ENDS)}")
         has_graphs = has_front_end_graphs(bundle)
@@ -557,8 +558,7 @@ class FaceFrontEnd:
                                  "--bundle DIR`, or use --front-end mediapipe")
         if front_end == "mediapipe" or not has_graphs:
             return cls(**options)
-        paths = {model: bundle.path_of(name) for model, name in FRONT_END_FILES.items()}
-        return cls(graphs=FrontEndGraphs.from_files(paths, providers), **options)
+        return cls(graphs=FrontEndGraphs.from_bundle(bundle, device), **options)
 
     def close(self) -> None:
         """Release the models."""

@@ -49,6 +49,8 @@ FULL_RANGE_FILE = "face_detector_full_range.onnx"
 MESH_FILE = "face_mesh.onnx"
 FRONT_END_FILES = {"short_range": SHORT_RANGE_FILE, "full_range": FULL_RANGE_FILE, "mesh": MESH_FILE}
 FRONT_END_KIND = "front_end"  # their manifest kind
+FRONT_END_ENGINE_KIND = "front_end_engine"  # the TensorRT engines `facellava build-engine` makes of them
+DEVICES = ("auto", "tensorrt", "onnxruntime", "cpu")  # FrontEndGraphs.from_bundle's choices
 
 
 def has_front_end_graphs(manifest: Any) -> bool:
@@ -58,6 +60,9 @@ def has_front_end_graphs(manifest: Any) -> bool:
     return all(name in present for name in FRONT_END_FILES.values())
 
 MESH_SIDE = 192
+DETECTOR_RANGE = (-1.0, 1.0)  # the input value ranges ImageToTensorCalculator scales the uint8 pixels to
+MESH_RANGE = (0.0, 1.0)
+MESH_BORDER = cv2.BORDER_REPLICATE  # the mesh's warp replicates the image's edge; the detectors' pad with zeros
 MESH_SCALE = 1.5  # RectTransformationCalculator around the face detection, on the square of its long side
 MESH_PRESENCE = 0.5  # the face flag's sigmoid must exceed this (legacy FaceMesh's min_tracking_confidence)
 TASK_API_MIN_SCORE = 0.5  # the task API's FaceDetector defaults: min_detection_confidence, suppression threshold
@@ -259,8 +264,42 @@ class FrontEndGraphs:
         (default: CPU)."""
         return cls(onnx_networks(paths, providers))
 
+    @classmethod
+    def from_bundle(cls, bundle: Any, device: str = "auto") -> FrontEndGraphs:
+        """The bundle's three front-end graphs (`bundle`: an open `facellava.bundle.Bundle` that has them).
+
+        `device` "tensorrt" runs the TensorRT engines `facellava build-engine` made of them for this GPU and
+        TensorRT version; "onnxruntime" runs the ONNX graphs on the best execution provider installed (TensorRT's
+        keeps its engines in the user's cache directory, so only the first start builds them; then CUDA; then the
+        CPU); "cpu" on the CPU provider alone; "auto" the engines where they exist, else "onnxruntime". Raises
+        FaceLlavaError for an unknown device or engines asked for that this device lacks."""
+        if device not in DEVICES:
+            raise FaceLlavaError(f"unknown front-end device {device!r}; choose from {', '.join(DEVICES)}")
+        if device in ("auto", "tensorrt"):
+            from facellava.runtime.tensorrt_runner import engines_for_this_device
+
+            engines = {entry["source"]: name for name, entry in
+                       engines_for_this_device(bundle.files, FRONT_END_ENGINE_KIND).items()}
+            if all(name in engines for name in FRONT_END_FILES.values()):
+                return cls(tensorrt_networks({model: bundle.path_of(engines[name])
+                                              for model, name in FRONT_END_FILES.items()}))
+            if device == "tensorrt":
+                raise FaceLlavaError(f"no TensorRT engines of the front-end graphs for this device in {bundle.path} "
+                                     "(or TensorRT is not installed); build them with `facellava build-engine "
+                                     "BUNDLE`")
+        providers = None
+        if device != "cpu":
+            from facellava.runtime.ort_providers import execution_providers
+
+            providers = execution_providers("auto")
+        return cls.from_files({model: bundle.path_of(name) for model, name in FRONT_END_FILES.items()}, providers)
+
     def close(self) -> None:
-        """Drop the networks (ONNX Runtime frees its sessions with them)."""
+        """Drop the networks (ONNX Runtime frees its sessions with them; TensorRT runners free their GPU memory)."""
+        for network in self.networks.values():
+            close = getattr(network, "close", None)
+            if close is not None:
+                close()
         self.networks.clear()
 
     def detections(self, rgb: np.ndarray, model: str, min_score: float | None = None) -> list[Detection]:
@@ -269,7 +308,7 @@ class FrontEndGraphs:
         spec = DETECTORS[model]
         height, width = rgb.shape[:2]
         roi = letterbox_roi(width, height, spec.side)
-        outputs = list(self.networks[model](image_to_tensor(rgb, roi, spec.side, (-1.0, 1.0))).values())
+        outputs = list(self.networks[model](image_to_tensor(rgb, roi, spec.side, DETECTOR_RANGE)).values())
         regressors = next(array for array in outputs if array.shape[-1] == 4 + 2 * NUM_KEYPOINTS)
         logits = next(array for array in outputs if array.shape[-1] == 1)
         boxes, keypoints, scores = decode_detections(regressors, logits, self._anchors[model], spec.side,
@@ -317,7 +356,7 @@ class FrontEndGraphs:
             return None
         height, width = rgb.shape[:2]
         roi = self.mesh_roi(found[0], width, height)
-        outputs = self.networks["mesh"](image_to_tensor(rgb, roi, MESH_SIDE, (0.0, 1.0), cv2.BORDER_REPLICATE))
+        outputs = self.networks["mesh"](image_to_tensor(rgb, roi, MESH_SIDE, MESH_RANGE, MESH_BORDER))
         points, flag = _mesh_points(outputs)
         if _sigmoid(flag) <= MESH_PRESENCE:
             return None
@@ -372,3 +411,32 @@ def _session_network(session: object) -> Network:
         return dict(zip(output_names, session.run(output_names, {input_name: tensor}), strict=True))  # type: ignore[attr-defined]
 
     return run
+
+
+class _EngineNetwork:
+    """A front-end TensorRT engine as a `Network` (closable: it holds GPU memory)."""
+
+    def __init__(self, path: str | Path):
+        from facellava.runtime.tensorrt_runner import TensorRTRunner
+
+        self.runner = TensorRTRunner(path)
+        self.input_name = self.runner.input_names[0]
+
+    def __call__(self, tensor: np.ndarray) -> dict[str, np.ndarray]:
+        return self.runner.run({self.input_name: tensor})
+
+    def close(self) -> None:
+        self.runner.close()
+
+
+def tensorrt_networks(paths: Mapping[str, str | Path]) -> dict[str, Network]:
+    """TensorRT runners for the front-end engines (`paths` keyed like `FRONT_END_FILES`), as `Network` callables."""
+    networks: dict[str, Network] = {}
+    try:
+        for name, path in paths.items():
+            networks[name] = _EngineNetwork(path)
+    except BaseException:
+        for network in networks.values():
+            network.close()  # type: ignore[attr-defined]
+        raise
+    return networks

@@ -13,6 +13,7 @@ from typing import Any
 from facellava.errors import FaceLlavaError
 
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
+TENSORRT_CACHE = "onnxruntime-tensorrt"  # the TensorRT provider's engine cache, in the user's cache directory
 _ORDER = {
     "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
     "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
@@ -24,9 +25,10 @@ def execution_providers(device: str = "auto", cache_dir: str | Path | None = Non
     """The `providers` argument for `onnxruntime.InferenceSession`.
 
     device "auto" takes the best one installed; "tensorrt" or "cuda" insist on it (with the rest as fallback for
-    ops it lacks); "cpu" uses the CPU alone. With `cache_dir`, the TensorRT provider keeps its engines and timing
-    cache there, so a second start skips the build. Raises FaceLlavaError for an unknown device or one that the
-    installed onnxruntime cannot use.
+    ops it lacks); "cpu" uses the CPU alone. The TensorRT provider keeps its engines and timing cache in
+    `cache_dir` (default: `onnxruntime-tensorrt` in the user's cache directory, `bundle.user_cache_dir`), so only
+    the first start builds them (minutes for a vision graph). Raises FaceLlavaError for an unknown device or one
+    that the installed onnxruntime cannot use.
     """
     import onnxruntime
 
@@ -43,8 +45,11 @@ def execution_providers(device: str = "auto", cache_dir: str | Path | None = Non
     for name in _ORDER[device]:
         if name not in available:
             continue
-        if name == "TensorrtExecutionProvider" and cache_dir is not None:
-            cache = str(Path(cache_dir))
+        if name == "TensorrtExecutionProvider":
+            from facellava.bundle import user_cache_dir
+
+            cache = str(Path(cache_dir) if cache_dir is not None else user_cache_dir() / TENSORRT_CACHE)
+            Path(cache).mkdir(parents=True, exist_ok=True)
             providers.append((name, {"trt_engine_cache_enable": True, "trt_engine_cache_path": cache,
                                      "trt_timing_cache_enable": True, "trt_timing_cache_path": cache}))
         else:

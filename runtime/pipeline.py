@@ -181,12 +181,11 @@ class Pipeline:
     @property
     def front_end(self) -> face.FaceFrontEnd:
         if self._front_end is None:
-            from facellava.runtime.ort_providers import execution_providers
-
-            graphs = self.front_end_choice != "mediapipe" and face.has_front_end_graphs(self.bundle)
-            self._front_end = face.FaceFrontEnd.from_bundle(
-                self.bundle, self.front_end_choice, providers=execution_providers() if graphs else None,
-                min_face_side=self.min_face)
+            # the front end follows the vision backend: TensorRT engines where the vision graph runs on them, the
+            # CPU where it does (the torch reference included), else ONNX Runtime's best provider
+            device = {"tensorrt": "auto", "onnxruntime": "onnxruntime"}.get(self.vision.name, "cpu")
+            self._front_end = face.FaceFrontEnd.from_bundle(self.bundle, self.front_end_choice, device,
+                                                            min_face_side=self.min_face)
         return self._front_end
 
     def prepare(self, image: str | Path | np.ndarray | None = None, video: str | Path | None = None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,18 @@ def gpu_info(device: int = 0) -> GpuInfo:
     return GpuInfo(name=name.rstrip("\x00").strip(), compute_capability=f"{props.major}.{props.minor}")
 
 
+def engines_for_this_device(files: Mapping[str, Mapping[str, Any]], kind: str) -> dict[str, Mapping[str, Any]]:
+    """A manifest's entries of `kind` ("engine", "front_end_engine") built for GPU 0 with the installed TensorRT
+    ({file name: entry}): engines only load on the GPU model and TensorRT version that built them. Empty where
+    TensorRT, cuda-python or a GPU is missing."""
+    try:
+        trt, gpu = import_tensorrt(), gpu_info(0)
+    except FaceLlavaError:
+        return {}
+    return {name: entry for name, entry in files.items() if entry.get("kind") == kind
+            and entry.get("gpu") == gpu.name and entry.get("tensorrt") == trt.__version__}
+
+
 class TensorRTRunner:
     """One deserialized engine and an execution context; `run({input name: array}) -> {output name: array}`.
 
@@ -153,7 +166,10 @@ class TensorRTRunner:
         return ({n: spec(n) for n in self.input_names}, {n: spec(n) for n in self.output_names})
 
     def max_batch(self) -> int:
-        """The largest batch the engine's optimization profile allows."""
+        """The largest batch the engine's optimization profile allows (a static engine's own batch)."""
+        static = int(self.engine.get_tensor_shape(self.input_names[0])[0])
+        if static >= 0:
+            return static
         _, _, largest = self.engine.get_tensor_profile_shape(self.input_names[0], 0)
         return int(largest[0])
 

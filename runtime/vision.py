@@ -185,15 +185,11 @@ class TensorRTVision(VisionBackend):
     def engines_here(bundle: Bundle, precision: str) -> dict[tuple[str, bool], str]:
         """{(modality, landmarks): engine name} for this GPU and TensorRT; empty where there is no TensorRT,
         no GPU, or no engine built for them."""
-        try:
-            from facellava.runtime.tensorrt_runner import gpu_info, import_tensorrt
+        from facellava.runtime.tensorrt_runner import engines_for_this_device
 
-            trt, gpu = import_tensorrt(), gpu_info(0)
-        except FaceLlavaError:
-            return {}
-        return {(e["modality"], e["landmarks"]): name for name, e in bundle.files.items()
-                if e.get("kind") == "engine" and e.get("precision") == precision and e.get("gpu") == gpu.name
-                and e.get("tensorrt") == trt.__version__}
+        return {(e["modality"], e["landmarks"]): name for name, e in engines_for_this_device(bundle.files,
+                                                                                             "engine").items()
+                if e.get("precision") == precision}
 
     def encode(self, modality, pixel_values, landmarks):
         key = (modality, landmarks is not None)

@@ -416,9 +416,9 @@ def test_engines_match_onnxruntime_and_pytorch(vision_bundle, tiny_model, tmp_pa
 
     bundle = tmp_path / "bundle"
     shutil.copytree(vision_bundle[0], bundle)
-    entries = build_engines(bundle, max_batch=3, seed=11, progress=False)
+    entries = build_engines(bundle, max_batch=3, seed=11, front_end=False, progress=False)
     manifest = json.loads((bundle / contract.MANIFEST_NAME).read_text())
-    assert len(entries) == len(VARIANTS)
+    assert len(entries) == len(VARIANTS) and all(e["kind"] == "engine" for e in entries.values())
     rng = np.random.default_rng(12)
     for name, entry in entries.items():
         info = json.loads((bundle / f"{name}.json").read_text())
@@ -436,6 +436,43 @@ def test_engines_match_onnxruntime_and_pytorch(vision_bundle, tiny_model, tmp_pa
             with pytest.raises(FaceLlavaError, match="outside the engine's profile"):
                 runner.run(parity.random_inputs(entry["modality"], entry["landmarks"], 4, rng))
     assert (bundle / Path(next(iter(entries))).parent / TIMING_CACHE_NAME).is_file()
+
+
+@requires_tensorrt
+def test_front_end_engines_match_onnxruntime(vision_bundle, face_photo, tmp_path):
+    """build-engine builds the face front end's graphs too (static shapes, FP32); the front end on those engines
+    finds the same faces, crops and landmarks as on ONNX Runtime's CPU provider."""
+    from facellava.bundle import Bundle
+    from facellava.export.tensorrt import build_engines
+    from facellava.runtime.face import FaceFrontEnd, load_image
+    from facellava.runtime.face_graphs import FRONT_END_FILES, FrontEndGraphs
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(vision_bundle[0], bundle)
+    entries = build_engines(bundle, modalities="image", precisions="fp32", seed=5, progress=False)
+    front = {name: e for name, e in entries.items() if e["kind"] == "front_end_engine"}
+    assert sorted(e["source"] for e in front.values()) == sorted(FRONT_END_FILES.values())
+    manifest = json.loads((bundle / contract.MANIFEST_NAME).read_text())
+    for name, entry in front.items():
+        record = manifest["parity"][name]
+        assert record["passed"] and set(record["inputs"]) == {"random", "face_photo"}, (name, record)
+        assert entry["max_batch"] == 1 and entry["source_onnx_sha256"] == manifest["files"][entry["source"]]["sha256"]
+    opened = Bundle.open(bundle)
+    rgb = load_image(face_photo)
+    engines, cpu = FrontEndGraphs.from_bundle(opened, "tensorrt"), FrontEndGraphs.from_bundle(opened, "cpu")
+    try:
+        on_gpu, on_cpu = engines.official_detections(rgb), cpu.official_detections(rgb)
+        assert [box[:4] for box in on_gpu] == [box[:4] for box in on_cpu]
+        assert np.allclose([box[4] for box in on_gpu], [box[4] for box in on_cpu], atol=1e-5)
+        assert np.abs(engines.mesh(rgb) - cpu.mesh(rgb)).max() * max(rgb.shape[:2]) < 0.05  # image pixels
+    finally:
+        engines.close()
+        cpu.close()
+    with FaceFrontEnd.from_bundle(opened, "graphs", "tensorrt") as front_end, \
+            FaceFrontEnd.from_bundle(opened, "graphs", "cpu") as reference:
+        ours, theirs = front_end.process_image(rgb), reference.process_image(rgb)
+        assert np.array_equal(ours.crop, theirs.crop)
+        assert np.abs(ours.landmarks - theirs.landmarks).max() * 256 < 0.1  # crop pixels
 
 
 @pytest.mark.skipif("CUDAExecutionProvider" not in onnxruntime.get_available_providers(),

@@ -163,3 +163,76 @@ def test_bad_model_paths_are_one_line_errors(tmp_path: Path, capsys: pytest.Capt
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "is not a TFLite model" in err
     assert (bundle_dir / "manifest.json").read_bytes() == before  # the failed export changed nothing
+
+
+@pytest.fixture(scope="module")
+def graphs_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    bundle_dir = tmp_path_factory.mktemp("front_end") / "bundle"
+    front_end.export_front_end(bundle_dir, progress=False)
+    return bundle_dir
+
+
+def test_front_end_device_choice(graphs_bundle: Path, face_photo: Path) -> None:
+    from facellava.errors import FaceLlavaError
+    from facellava.runtime.face import load_image
+    from facellava.runtime.face_graphs import FrontEndGraphs
+
+    bundle = Bundle.open(graphs_bundle)
+    rgb = load_image(face_photo)
+    with pytest.raises(FaceLlavaError, match="unknown front-end device 'npu'"):
+        FrontEndGraphs.from_bundle(bundle, "npu")
+    # no engine of the graphs is built for this device (nor could be here): asked for, a one-line how-to
+    with pytest.raises(FaceLlavaError, match="no TensorRT engines of the front-end graphs .* `facellava build-engine"):
+        FrontEndGraphs.from_bundle(bundle, "tensorrt")
+    answers = []
+    for device in ("auto", "onnxruntime", "cpu"):  # "auto" falls back to ONNX Runtime's best provider
+        graphs = FrontEndGraphs.from_bundle(bundle, device)
+        try:
+            answers.append((graphs.official_detections(rgb), graphs.mesh(rgb)))
+        finally:
+            graphs.close()
+        assert not graphs.networks
+    (boxes, mesh), *others = answers
+    assert len(boxes) == 1 and mesh.shape == (478, 2)
+    for other_boxes, other_mesh in others:  # one machine, one provider here: the same numbers
+        assert other_boxes == boxes and np.array_equal(other_mesh, mesh)
+
+
+def test_a_new_front_end_graph_drops_its_stale_engine(graphs_bundle: Path, tmp_path: Path) -> None:
+    """An engine names its graph as `source`: the same graphs exported again keep it; another graph in its place
+    (another MediaPipe, another converter) removes it, as a new vision graph removes its engines."""
+    import shutil
+
+    bundle_dir = tmp_path / "bundle"
+    shutil.copytree(graphs_bundle, bundle_dir)
+    engine = "engines/some-gpu-trt10.3.0/face_mesh.engine"
+    with BundleWriter.transaction(bundle_dir) as writer:
+        writer.stage(engine).write_bytes(b"an engine of this graph")
+        writer.add(engine, "front_end_engine", model="face_mesh", source="face_mesh.onnx",
+                   source_onnx_sha256=writer.manifest.files["face_mesh.onnx"]["sha256"])
+    with BundleWriter.transaction(bundle_dir) as writer:
+        front_end.write_front_end(writer, progress=False)  # the same graphs, byte for byte
+    assert engine in Bundle.open(bundle_dir).files
+    mesh = bundle_dir / "face_mesh.onnx"
+    with BundleWriter.transaction(bundle_dir) as writer:
+        writer.stage("face_mesh.onnx").write_bytes(mesh.read_bytes() + b"\0")  # another graph in its place
+        writer.add("face_mesh.onnx", "front_end", model="face_mesh")
+    bundle = Bundle.open(bundle_dir)
+    assert engine not in bundle.files and not (bundle_dir / engine).exists()
+    assert sorted(bundle.find("front_end")) == sorted(m.file for m in front_end.MODELS.values())
+
+
+@pytest.mark.parametrize("entry, complaint", [
+    ({"source": "face_mesh.onnx"}, "model must be"),
+    ({"model": "../face_mesh", "source": "face_mesh.onnx"}, "model must be a front-end model name"),
+    ({"model": "face_mesh"}, "source must be"),
+])
+def test_front_end_engine_entries_are_checked(entry: dict, complaint: str) -> None:
+    from facellava.bundle import Manifest
+    from facellava.errors import FaceLlavaError
+
+    manifest = Manifest().to_json()
+    manifest["files"]["engines/x/face_mesh.engine"] = {"sha256": "a" * 64, "bytes": 1, "kind": "front_end_engine",
+                                                       **entry}
+    with pytest.raises(FaceLlavaError, match=complaint):
+        Manifest.from_json(manifest)
