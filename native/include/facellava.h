@@ -10,7 +10,7 @@
  *     facellava_runner* runner = facellava_open("bundle", &options, &error);
  *     facellava_request request;
  *     facellava_request_default(&request);
- *     request.image = "face.jpg"; request.no_face_crop = 1; request.no_landmarks = 1;
+ *     request.image = "face.jpg";    (the face found on the bundle's front-end graphs, its landmarks from the mesh)
  *     char* answer = facellava_ask(runner, "How old is this person?", &request, print_piece, NULL, &error);
  *     facellava_free(answer);
  *     facellava_close(runner);
@@ -25,7 +25,10 @@
 extern "C" {
 #endif
 
-#define FACELLAVA_ABI_VERSION 1
+#define FACELLAVA_ABI_VERSION 2
+
+/* facellava_request.face_index: the largest face (the default) */
+#define FACELLAVA_LARGEST_FACE (-2147483647 - 1)
 
 #if defined(__GNUC__)
 #define FACELLAVA_EXPORT __attribute__((visibility("default")))
@@ -45,6 +48,7 @@ typedef struct facellava_options {
     int kv_cache_f32;             /* 1: an F32 KV cache; 0: F16 (llama.cpp's default) */
     int flash_attn;               /* -1 auto (default), 0 off, 1 on */
     int n_gpu_layers;             /* LLM layers on the GPU where llama.cpp has one (0) */
+    int min_face;                 /* the smallest face searched for, in pixels (20) */
 } facellava_options;
 
 typedef struct facellava_request {
@@ -52,13 +56,26 @@ typedef struct facellava_request {
     const char* video;         /* a video (8 frames taken as the official processor does), or NULL */
     const char* landmarks_npy; /* precomputed 68-point landmarks (official .npy), or NULL */
     int no_landmarks;          /* 1: run without FRLP/FRGCA */
-    int no_face_crop;          /* 1: the whole image padded to a square (required until the front end is native) */
+    int no_face_crop;          /* 1: the whole image padded to a square, no face detection */
     int max_tokens;            /* 256 */
     float temperature;         /* 0: greedy (default) */
     float top_p;               /* 1: off */
     int top_k;                 /* 0: off */
     uint32_t seed;
+    int face_index;            /* which face, counted left to right; FACELLAVA_LARGEST_FACE: the largest (default) */
 } facellava_request;
+
+/* One image's or video frame's face as the front end makes it (runtime/face.py's FaceCrop). */
+typedef struct facellava_face {
+    int width, height;     /* the crop's size: 256 x 256, or with no_face_crop the image padded to a square */
+    uint8_t* rgb;          /* height x width x 3 bytes, RGB */
+    int has_landmarks;     /* 1: landmarks holds the face mesh's 68 points */
+    float landmarks[136];  /* x, y of the 68 iBUG points in crop pixels / crop side */
+    int has_box;           /* 1: box is the face the crop was cut around (0 with no_face_crop) */
+    int box[4];            /* x, y, width, height in the image's pixels (the official detector's convention) */
+    double score;          /* the box's detection score */
+    double detect_ms, landmarks_ms;
+} facellava_face;
 
 /* Called with each piece of the answer's text (UTF-8, never a character cut in two); return 0 to stop early. */
 typedef int (*facellava_piece_fn)(const char* piece, size_t size, void* user_data);
@@ -74,7 +91,7 @@ FACELLAVA_EXPORT char* facellava_ask(facellava_runner* runner, const char* quest
                     facellava_piece_fn on_piece, void* user_data, char** error);
 
 /* The one-line reason the question or request is refused (an empty question, max_tokens < 1, a sampling value out
- * of range, or what this build cannot serve yet), or NULL when it is fine: the checks facellava_ask makes, without a
+ * of range, landmarks both given and refused), or NULL when it is fine: the checks facellava_ask makes, without a
  * bundle, so a caller can refuse before loading one. Free the message with facellava_free. */
 FACELLAVA_EXPORT char* facellava_check(const char* question, const facellava_request* request);
 
@@ -82,6 +99,14 @@ FACELLAVA_EXPORT char* facellava_check(const char* question, const facellava_req
  * float32 [3, 224, 224] for an image, [3, 8, 224, 224] for a video, in a buffer to free with facellava_free.
  * Returns NULL and *error for a medium that cannot be read or a request this build cannot serve. */
 FACELLAVA_EXPORT float* facellava_preprocess(const facellava_request* request, size_t* count, char** error);
+
+/* The face front end alone, on the bundle's front-end graphs (verified, as every file used): the request's image (1
+ * face) or video (its 8 frames), cropped as `facellava run` crops them (face_index, no_face_crop, and the face
+ * mesh's landmarks unless landmarks_npy or no_landmarks) with options->min_face (NULL: the defaults). Returns
+ * *count faces (free with facellava_free_faces), or NULL and *error (no face, a face index out of range, no graphs). */
+FACELLAVA_EXPORT facellava_face* facellava_front_end(const char* bundle, const facellava_options* options,
+                                                     const facellava_request* request, size_t* count, char** error);
+FACELLAVA_EXPORT void facellava_free_faces(facellava_face* faces, size_t count);
 
 FACELLAVA_EXPORT void facellava_close(facellava_runner* runner);
 FACELLAVA_EXPORT void facellava_free(void* memory);

@@ -44,6 +44,7 @@ facellava::Request to_request(const facellava_request* r) {
     request.landmarks = r->landmarks_npy ? r->landmarks_npy : "";
     request.no_landmarks = r->no_landmarks != 0;
     request.no_face_crop = r->no_face_crop != 0;
+    if (r->face_index != FACELLAVA_LARGEST_FACE) request.face_index = r->face_index;
     request.max_tokens = r->max_tokens;
     request.sampling = {r->temperature, r->top_p, r->top_k, r->seed};
     return request;
@@ -54,11 +55,11 @@ facellava::Request to_request(const facellava_request* r) {
 extern "C" {
 
 void facellava_options_default(facellava_options* o) {
-    *o = facellava_options{nullptr, "fp32", 4096, 0, 0, 0, 0, -1, 0};
+    *o = facellava_options{nullptr, "fp32", 4096, 0, 0, 0, 0, -1, 0, facellava::front_end::MIN_FACE_SIDE};
 }
 
 void facellava_request_default(facellava_request* r) {
-    *r = facellava_request{nullptr, nullptr, nullptr, 0, 0, 256, 0.0f, 1.0f, 0, 0};
+    *r = facellava_request{nullptr, nullptr, nullptr, 0, 0, 256, 0.0f, 1.0f, 0, 0, FACELLAVA_LARGEST_FACE};
 }
 
 facellava_runner* facellava_open(const char* bundle, const facellava_options* o, char** error) {
@@ -77,6 +78,7 @@ facellava_runner* facellava_open(const char* bundle, const facellava_options* o,
         options.llm.kv_f32 = o->kv_cache_f32 != 0;
         options.llm.flash_attn = o->flash_attn;
         options.llm.n_gpu_layers = o->n_gpu_layers;
+        options.min_face = o->min_face;
         if (bundle == nullptr) throw facellava::Error("no bundle given");
         auto runner = std::make_unique<facellava::Runner>(bundle, options);
         return new facellava_runner{std::move(runner)};
@@ -99,7 +101,7 @@ char* facellava_check(const char* question, const facellava_request* r) {
     char* error = nullptr;
     guarded(&error, [&]() -> int {
         if (question == nullptr || r == nullptr) throw std::invalid_argument("a NULL argument");
-        facellava::check_request(question, to_request(r), false);
+        facellava::check_request(question, to_request(r));
         return 0;
     });
     return error;
@@ -116,6 +118,53 @@ float* facellava_preprocess(const facellava_request* r, size_t* count, char** er
         *count = pixels.size();
         return out;
     });
+}
+
+facellava_face* facellava_front_end(const char* bundle, const facellava_options* o, const facellava_request* r,
+                                    size_t* count, char** error) {
+    if (error != nullptr) *error = nullptr;
+    return guarded(error, [&]() -> facellava_face* {
+        if (bundle == nullptr || r == nullptr || count == nullptr) throw std::invalid_argument("a NULL argument");
+        facellava_options defaults;
+        facellava_options_default(&defaults);
+        auto crops = facellava::face_crops(bundle, (o ? o : &defaults)->min_face, to_request(r));
+        auto* faces = static_cast<facellava_face*>(std::calloc(crops.size(), sizeof(facellava_face)));
+        if (faces == nullptr) throw std::bad_alloc();
+        for (std::size_t i = 0; i < crops.size(); ++i) {
+            const auto& crop = crops[i];
+            facellava_face& face = faces[i];
+            face.width = crop.crop.width;
+            face.height = crop.crop.height;
+            face.rgb = static_cast<uint8_t*>(std::malloc(crop.crop.data.size()));
+            if (face.rgb == nullptr) {
+                facellava_free_faces(faces, i);
+                throw std::bad_alloc();
+            }
+            std::memcpy(face.rgb, crop.crop.data.data(), crop.crop.data.size());
+            if (crop.landmarks) {
+                face.has_landmarks = 1;
+                std::copy(crop.landmarks->begin(), crop.landmarks->end(), face.landmarks);
+            }
+            if (crop.box) {
+                face.has_box = 1;
+                face.box[0] = crop.box->x;
+                face.box[1] = crop.box->y;
+                face.box[2] = crop.box->width;
+                face.box[3] = crop.box->height;
+                face.score = crop.box->score;
+            }
+            face.detect_ms = crop.detect_ms;
+            face.landmarks_ms = crop.landmarks_ms;
+        }
+        *count = crops.size();
+        return faces;
+    });
+}
+
+void facellava_free_faces(facellava_face* faces, size_t count) {
+    if (faces == nullptr) return;
+    for (size_t i = 0; i < count; ++i) std::free(faces[i].rgb);
+    std::free(faces);
 }
 
 void facellava_close(facellava_runner* runner) { delete runner; }

@@ -1,7 +1,7 @@
 // facellava-native: `facellava run` without Python, through libfacellava's C ABI.
 //
-//   facellava-native BUNDLE (--image P | --video P) [--landmarks NPY | --no-landmarks] [--no-face-crop] [--json]
-//                    [--max-tokens N] "QUESTION"
+//   facellava-native BUNDLE (--image P | --video P) [--landmarks NPY | --no-landmarks] [--no-face-crop]
+//                    [--face-index N] [--min-face PX] [--json] [--max-tokens N] "QUESTION"
 //
 // Streams the answer to stdout, then a summary line (or with --json one JSON object, the Python CLI's format).
 // A user error is one line on stderr and exit status 1; a usage error exit status 2.
@@ -22,13 +22,20 @@ namespace {
 
 const char* USAGE =
     "usage: facellava-native BUNDLE (--image P | --video P) [--landmarks NPY | --no-landmarks] [--no-face-crop]\n"
-    "                        [--json] [--max-tokens N] [--llm TYPE] [--vision-precision P] [--n-ctx N]\n"
-    "                        [--kv-cache f16|f32] [--flash-attn auto|on|off] [--threads N] [--threads-batch N]\n"
-    "                        [--poll 0-100] [--temperature T] [--top-p P] [--top-k K] [--seed S] QUESTION\n"
+    "                        [--face-index N] [--min-face PX] [--json] [--max-tokens N] [--llm TYPE]\n"
+    "                        [--vision-precision P] [--n-ctx N] [--kv-cache f16|f32] [--flash-attn auto|on|off]\n"
+    "                        [--threads N] [--threads-batch N] [--poll 0-100] [--temperature T] [--top-p P]\n"
+    "                        [--top-k K] [--seed S] QUESTION\n"
     "\n"
     "Answer a question about a photo or a video with an exported bundle, as `facellava run` does.\n"
-    "Face detection and face-mesh landmarks need the bundle's front-end graphs, not yet run natively: give\n"
-    "--no-face-crop (the whole image padded to a square) with --landmarks NPY or --no-landmarks.\n";
+    "The face is found and its 68 landmarks taken on the bundle's front-end graphs (`facellava export\n"
+    "front-end`, which `export vision` adds), as `facellava run --front-end graphs` does:\n"
+    "  --face-index N   which face, counted left to right (default: the largest)\n"
+    "  --min-face PX    the smallest face searched for, in pixels (default 20); larger is faster\n"
+    "  --no-face-crop   the whole image padded to a square, no face detection\n"
+    "  --landmarks NPY  precomputed 68-point landmarks (official .npy) instead of the face mesh's\n"
+    "  --no-landmarks   run without FRLP/FRGCA (the official demo's path)\n"
+    "Not native: --camera, --task, --front-end mediapipe, other vision backends (use `facellava run`).\n";
 
 struct UsageError {
     std::string message;
@@ -106,6 +113,10 @@ int main(int argc, char** argv) {
                 request.no_landmarks = 1;
             } else if (arg == "--no-face-crop") {
                 request.no_face_crop = 1;
+            } else if (arg == "--face-index") {
+                request.face_index = static_cast<int>(parse_int(arg, next(), INT_MIN + 1, INT_MAX));
+            } else if (arg == "--min-face") {
+                options.min_face = static_cast<int>(parse_int(arg, next(), INT_MIN, INT_MAX));
             } else if (arg == "--json") {
                 json = true;
             } else if (arg == "--max-tokens") {

@@ -25,19 +25,6 @@ bool valid_utf8(const std::string& text, std::size_t& bad_at) {
 
 }  // namespace
 
-FaceCrop WholeImageFrontEnd::process(const Rgb& rgb, bool landmarks, const std::string& name) {
-    if (landmarks) {
-        throw Error("landmarks from the face mesh need the bundle's front-end graphs, which the native runner does not "
-                    "run yet: give --landmarks NPY or --no-landmarks");
-    }
-    auto start = Clock::now();
-    check_image(rgb, name);
-    FaceCrop crop;
-    crop.crop = expand2square(rgb);
-    crop.detect_ms = ms_since(start);
-    return crop;
-}
-
 std::string Timings::line() const {
     char buffer[512];
     std::snprintf(buffer, sizeof buffer,
@@ -76,35 +63,62 @@ void check_question(const std::string& question) {
     }
 }
 
-void check_request(const std::string& question, const Request& request, bool has_face_front_end) {
+void check_min_face(int min_face) {
+    if (min_face < 1) throw Error("min_face must be at least 1 pixel, got " + std::to_string(min_face));
+}
+
+void check_request(const std::string& question, const Request& request) {
     check_question(question);
     if (request.max_tokens < 1) throw Error("max_tokens must be at least 1, got " + std::to_string(request.max_tokens));
     check_sampling(request.sampling);
     if (request.image.empty() == request.video.empty()) throw Error("give exactly one of an image or a video");
     if (request.no_landmarks && !request.landmarks.empty()) throw Error("give landmarks or ask for none, not both");
-    if (!request.no_face_crop && !has_face_front_end) {
-        throw Error("face detection needs the bundle's front-end graphs, which the native runner does not run yet: add "
-               "--no-face-crop (the whole image, with --landmarks NPY or --no-landmarks), or use `facellava run`");
-    }
-    if (request.landmarks.empty() && !request.no_landmarks && !has_face_front_end) {
-        throw Error("landmarks from the face mesh need the bundle's front-end graphs, which the native runner does "
-                    "not run yet: give --landmarks NPY or --no-landmarks");
-    }
 }
 
 std::vector<float> prepare_pixels(const Request& request) {
     if (request.image.empty() == request.video.empty()) throw Error("give exactly one of an image or a video");
     if (!request.no_face_crop) throw Error("face detection needs the bundle's front-end graphs: add --no-face-crop");
     WholeImageFrontEnd whole;
-    if (!request.image.empty()) return preprocess_image(whole.process(load_image(request.image), false, request.image).crop);
+    FaceOptions options;
+    options.no_face_crop = true;
+    if (!request.image.empty()) return preprocess_image(whole.process_image(load_image(request.image), options, request.image).crop);
     Video video = read_video(request.video);
     std::vector<Rgb> frames;
-    for (std::size_t i = 0; i < video.frames.size(); ++i)
-        frames.push_back(whole.process(video.frames[i], false, "frame " + std::to_string(i) + " of " + request.video).crop);
+    for (const auto& crop : whole.process_video(video.frames, options, request.video)) frames.push_back(crop.crop);
     return preprocess_video(frames);
 }
 
-Runner::Runner(const std::string& bundle, const RunnerOptions& options) : bundle_(Bundle::open(bundle)) {
+namespace {
+
+// The medium read and through a front end (runtime/medium.py's prepare_medium, the crops): the video's decoded
+// frame count in `num_frames`.
+std::vector<FaceCrop> crops_of(FrontEnd& front_end, const Request& request, bool run_mesh, int& num_frames) {
+    FaceOptions options;
+    options.face_index = request.face_index;
+    options.no_face_crop = request.no_face_crop;
+    options.landmarks = run_mesh;
+    num_frames = 0;
+    if (!request.image.empty()) return {front_end.process_image(load_image(request.image), options, "the image")};
+    Video video = read_video(request.video);
+    num_frames = video.num_frames;
+    for (std::size_t i = 0; i < video.frames.size(); ++i)
+        check_image(video.frames[i], "frame " + std::to_string(i) + " of " + request.video);
+    return front_end.process_video(video.frames, options, "the video");
+}
+
+}  // namespace
+
+std::vector<FaceCrop> face_crops(const std::string& bundle, int min_face, const Request& request) {
+    if (request.image.empty() == request.video.empty()) throw Error("give exactly one of an image or a video");
+    check_min_face(min_face);
+    Bundle opened = Bundle::open(bundle);
+    GraphsFrontEnd front_end(opened, min_face);
+    int num_frames = 0;
+    return crops_of(front_end, request, !request.no_landmarks && request.landmarks.empty(), num_frames);
+}
+
+Runner::Runner(const std::string& bundle, const RunnerOptions& options)
+    : bundle_((check_min_face(options.min_face), Bundle::open(bundle))), min_face_(options.min_face) {
     if (options.llm.n_ctx < 1) throw Error("n_ctx must be at least 1, got " + std::to_string(options.llm.n_ctx));
     std::map<std::string, std::string> types;
     for (const auto& name : bundle_.find("llm")) types[bundle_.files()[name]["type"].get<std::string>()] = name;
@@ -129,27 +143,18 @@ Runner::Runner(const std::string& bundle, const RunnerOptions& options) : bundle
 
 Answer Runner::ask(const std::string& question, const Request& request,
                    const std::function<bool(const std::string&)>& on_piece) {
-    check_request(question, request, face_front_end_ != nullptr);
+    check_request(question, request);
     auto start = Clock::now();
-    FrontEnd& front_end = request.no_face_crop ? static_cast<FrontEnd&>(whole_image_) : *face_front_end_;
     bool run_mesh = !request.no_landmarks && request.landmarks.empty();
+    // the bundle's front-end graphs for face detection or face-mesh landmarks (verified and opened once)
+    if ((!request.no_face_crop || run_mesh) && graphs_ == nullptr) graphs_ = std::make_unique<GraphsFrontEnd>(bundle_, min_face_);
+    FrontEnd& front_end = (!request.no_face_crop || run_mesh) ? static_cast<FrontEnd&>(*graphs_) : whole_image_;
 
     Answer answer;
     Modality modality = request.image.empty() ? Modality::video : Modality::image;
     answer.modality = modality_name(modality);
-    std::vector<FaceCrop> crops;
     int num_frames = 0;
-    if (modality == Modality::image) {
-        Rgb rgb = load_image(request.image);
-        crops.push_back(front_end.process(rgb, run_mesh, request.image));
-    } else {
-        Video video = read_video(request.video);
-        num_frames = video.num_frames;
-        for (std::size_t i = 0; i < video.frames.size(); ++i)
-            check_image(video.frames[i], "frame " + std::to_string(i) + " of " + request.video);
-        for (std::size_t i = 0; i < video.frames.size(); ++i)
-            crops.push_back(front_end.process(video.frames[i], run_mesh, "frame " + std::to_string(i) + " of " + request.video));
-    }
+    std::vector<FaceCrop> crops = crops_of(front_end, request, run_mesh, num_frames);
     std::vector<float> points;
     bool have_points = false;
     if (request.no_landmarks) {

@@ -3,12 +3,14 @@
 #pragma once
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include <nlohmann/json.hpp>
 
 #include "bundle.hpp"
 #include "front_end.hpp"
+#include "front_end_generated.hpp"
 #include "llm.hpp"
 #include "vision.hpp"
 
@@ -17,14 +19,19 @@ namespace facellava {
 struct RunnerOptions {
     std::string llm_type;  // the GGUF type; empty: the most precise in the bundle
     std::string vision_precision = "fp32";
+    int min_face = front_end::MIN_FACE_SIDE;  // the smallest face searched for, in pixels
     LlmOptions llm;
 };
+
+// Throws Error unless the smallest face searched for is at least 1 pixel (runtime/pipeline.py's check).
+void check_min_face(int min_face);
 
 struct Request {
     std::string image, video;  // exactly one
     std::string landmarks;     // an official-format .npy, or empty
     bool no_landmarks = false;
     bool no_face_crop = false;
+    std::optional<int> face_index;  // which face, left to right; none: the largest
     int max_tokens = 256;
     Sampling sampling;
 };
@@ -51,6 +58,10 @@ void check_question(const std::string& question);
 // the vision graph's pixel values. Throws Error.
 std::vector<float> prepare_pixels(const Request& request);
 
+// The medium of a request (its image, or its video's 8 frames) through the bundle's front-end graphs: the crops,
+// landmarks (unless the request gives or refuses them) and face boxes. Throws Error.
+std::vector<FaceCrop> face_crops(const std::string& bundle, int min_face, const Request& request);
+
 class Runner {
   public:
     // Open a bundle: verify its manifest, pick the GGUF type (default: the most precise present) and load it.
@@ -59,20 +70,18 @@ class Runner {
     Answer ask(const std::string& question, const Request& request,
                const std::function<bool(const std::string&)>& on_piece);
     const char* vision_backend() const { return vision_->name(); }
-    // The front end used without --no-face-crop; none yet (face detection needs the bundle's front-end graphs).
-    void set_front_end(std::unique_ptr<FrontEnd> front_end) { face_front_end_ = std::move(front_end); }
 
   private:
     Bundle bundle_;
+    int min_face_;
     std::unique_ptr<OnnxVision> vision_;
     std::unique_ptr<LlamaModel> llm_;
-    std::unique_ptr<FrontEnd> face_front_end_;
+    std::unique_ptr<GraphsFrontEnd> graphs_;  // opened on the first request that needs them
     WholeImageFrontEnd whole_image_;
 };
 
 // The checks of a question and request that need no bundle (runtime/cli.py makes them before opening one): the
-// question, max_tokens, sampling, one medium, landmarks given or refused, and what cannot be served without a face
-// front end (face detection, face-mesh landmarks). Throws Error.
-void check_request(const std::string& question, const Request& request, bool has_face_front_end);
+// question, max_tokens, sampling, one medium, landmarks given or refused. Throws Error.
+void check_request(const std::string& question, const Request& request);
 
 }  // namespace facellava

@@ -1,31 +1,14 @@
 #include "vision.hpp"
 
-#include <onnxruntime_cxx_api.h>
-
 #include <set>
 
 #include "contract_generated.hpp"
 #include "errors.hpp"
+#include "onnx_session.hpp"
 
 namespace facellava {
 
-struct OnnxVision::Graph {
-    std::string name;
-    Ort::Session session{nullptr};
-};
-
 namespace {
-
-std::string first_line(const std::string& text, std::size_t limit = 300) {
-    std::string line = text.substr(0, text.find('\n'));
-    return line.size() <= limit ? line : line.substr(0, limit) + "...";
-}
-
-std::string shape_text(const std::vector<std::int64_t>& shape) {
-    std::string out = "[";
-    for (std::size_t i = 0; i < shape.size(); ++i) out += (i ? "," : "") + (shape[i] < 0 ? "?" : std::to_string(shape[i]));
-    return out + "]";
-}
 
 // contract.vision_graph_io: {name: shape}, -1 where the contract leaves the dimension open (batch, width)
 std::map<std::string, std::vector<std::int64_t>> contract_io(Modality modality, bool landmarks, bool inputs) {
@@ -76,28 +59,16 @@ std::string vision_file(const Bundle& bundle, Modality modality, const std::stri
 
 }  // namespace
 
-OnnxVision::OnnxVision(const Bundle& bundle, std::string precision)
-    : bundle_(bundle), precision_(std::move(precision)), env_(std::make_unique<Ort::Env>(ORT_LOGGING_LEVEL_ERROR, "facellava")) {}
+OnnxVision::OnnxVision(const Bundle& bundle, std::string precision) : bundle_(bundle), precision_(std::move(precision)) {}
 
 OnnxVision::~OnnxVision() = default;
 
-OnnxVision::Graph& OnnxVision::graph(Modality modality, bool landmarks) {
+OnnxGraph& OnnxVision::graph(Modality modality, bool landmarks) {
     auto key = std::make_pair(static_cast<int>(modality), landmarks);
     auto found = graphs_.find(key);
     if (found != graphs_.end()) return *found->second;
-    auto graph = std::make_unique<Graph>();
-    graph->name = vision_file(bundle_, modality, precision_, landmarks);
-    std::string path = bundle_.path_of(graph->name).string();
-    Ort::SessionOptions options;
-    options.SetLogSeverityLevel(3);
-    // ORT's worker threads otherwise spin after each run and take the cores llama.cpp decodes on
-    options.AddConfigEntry("session.intra_op.allow_spinning", "0");
-    try {
-        graph->session = Ort::Session(*env_, path.c_str(), options);
-    } catch (const Ort::Exception& error) {
-        throw Error("ONNX Runtime cannot load " + graph->name + " from " + bundle_.root().string() + " (" +
-                    first_line(error.what()) + "); export the bundle again");
-    }
+    auto graph = OnnxGraph::open(bundle_, vision_file(bundle_, modality, precision_, landmarks), 0,
+                                 "export the bundle again");
     // the graph's inputs and outputs against the contract (runtime/vision.py's check_vision_io)
     std::string variant = std::string("the contract's ") + modality_name(modality) + " vision graph " +
                           (landmarks ? "with" : "without") + " landmarks";
@@ -105,19 +76,7 @@ OnnxVision::Graph& OnnxVision::graph(Modality modality, bool landmarks) {
     for (bool inputs : {true, false}) {
         auto want = contract_io(modality, landmarks, inputs);
         std::map<std::string, std::pair<std::vector<std::int64_t>, ONNXTensorElementDataType>> have;
-        std::size_t count = inputs ? graph->session.GetInputCount() : graph->session.GetOutputCount();
-        Ort::AllocatorWithDefaultOptions allocator;
-        for (std::size_t i = 0; i < count; ++i) {
-            auto name = inputs ? graph->session.GetInputNameAllocated(i, allocator)
-                               : graph->session.GetOutputNameAllocated(i, allocator);
-            auto info = inputs ? graph->session.GetInputTypeInfo(i) : graph->session.GetOutputTypeInfo(i);
-            if (info.GetONNXType() != ONNX_TYPE_TENSOR) {
-                have[name.get()] = {{}, ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED};
-                continue;
-            }
-            auto tensor = info.GetTensorTypeAndShapeInfo();
-            have[name.get()] = {tensor.GetShape(), tensor.GetElementType()};
-        }
+        for (const auto& io : inputs ? graph->inputs : graph->outputs) have[io.name] = {io.shape, io.type};
         std::set<std::string> want_names, have_names;
         for (const auto& item : want) want_names.insert(item.first);
         for (const auto& item : have) have_names.insert(item.first);
@@ -144,7 +103,7 @@ OnnxVision::Graph& OnnxVision::graph(Modality modality, bool landmarks) {
 
 VisualTokens OnnxVision::encode(Modality modality, const std::vector<float>& pixel_values,
                                 const std::vector<float>* landmarks) {
-    Graph& g = graph(modality, landmarks != nullptr);
+    OnnxGraph& g = graph(modality, landmarks != nullptr);
     bool video = modality == Modality::video;
     std::vector<std::int64_t> pixel_shape = {1, 3};
     if (video) pixel_shape.push_back(contract::NUM_FRAMES);
@@ -152,23 +111,15 @@ VisualTokens OnnxVision::encode(Modality modality, const std::vector<float>& pix
     std::vector<std::int64_t> landmark_shape = {1};
     if (video) landmark_shape.push_back(contract::NUM_FRAMES);
     landmark_shape.insert(landmark_shape.end(), {contract::NUM_LANDMARKS, 2});
-    auto memory = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
-    std::vector<Ort::Value> inputs;
-    std::vector<const char*> names = {contract::VISION_INPUTS[0]};
-    inputs.push_back(Ort::Value::CreateTensor<float>(memory, const_cast<float*>(pixel_values.data()), pixel_values.size(),
-                                                     pixel_shape.data(), pixel_shape.size()));
+    std::vector<std::string> names = {contract::VISION_INPUTS[0]};
+    std::vector<const float*> inputs = {pixel_values.data()};
+    std::vector<std::vector<std::int64_t>> shapes = {pixel_shape};
     if (landmarks != nullptr) {
         names.push_back(contract::VISION_INPUTS[1]);
-        inputs.push_back(Ort::Value::CreateTensor<float>(memory, const_cast<float*>(landmarks->data()), landmarks->size(),
-                                                         landmark_shape.data(), landmark_shape.size()));
+        inputs.push_back(landmarks->data());
+        shapes.push_back(landmark_shape);
     }
-    const char* output_name = contract::VISION_OUTPUT;
-    std::vector<Ort::Value> outputs;
-    try {
-        outputs = g.session.Run(Ort::RunOptions{nullptr}, names.data(), inputs.data(), inputs.size(), &output_name, 1);
-    } catch (const Ort::Exception& error) {
-        throw Error("ONNX Runtime failed to run " + g.name + " (" + first_line(error.what()) + "); export the bundle again");
-    }
+    std::vector<Ort::Value> outputs = g.run(names, inputs, shapes, {contract::VISION_OUTPUT});
     auto info = outputs[0].GetTensorTypeAndShapeInfo();
     std::vector<std::int64_t> shape = info.GetShape();
     std::vector<std::int64_t> want = {1};

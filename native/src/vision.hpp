@@ -9,12 +9,9 @@
 #include "bundle.hpp"
 #include "media.hpp"
 
-namespace Ort {
-struct Env;
-struct Session;
-}  // namespace Ort
-
 namespace facellava {
+
+struct OnnxGraph;
 
 // Visual tokens of one medium: `blocks` blocks (1 image, 8 video frames) of `tokens` rows of `width` floats.
 struct VisualTokens {
@@ -37,12 +34,10 @@ class OnnxVision {
     const char* name() const { return "onnxruntime"; }
 
   private:
-    struct Graph;
-    Graph& graph(Modality modality, bool landmarks);
+    OnnxGraph& graph(Modality modality, bool landmarks);
     const Bundle& bundle_;
     std::string precision_;
-    std::unique_ptr<Ort::Env> env_;
-    std::map<std::pair<int, bool>, std::unique_ptr<Graph>> graphs_;
+    std::map<std::pair<int, bool>, std::unique_ptr<OnnxGraph>> graphs_;
 };
 
 }  // namespace facellava
