@@ -137,6 +137,7 @@ const std::map<std::string, FieldCheck>& entry_fields() {
         {"outputs", {[](const json& v) { return v.is_null() || v.is_object(); }, "an object"}},
         {"gpu", {[](const json& v) { return v.is_string(); }, "a string"}},
         {"tensorrt", {[](const json& v) { return v.is_string(); }, "a string"}},
+        {"model", {identifier, "a front-end model name"}},
     };
     return fields;
 }
@@ -145,6 +146,7 @@ std::vector<std::string> required_by_kind(const std::string& kind) {
     if (kind == "vision") return {"modality", "precision", "landmarks"};
     if (kind == "engine") return {"modality", "precision", "landmarks", "source"};
     if (kind == "llm") return {"type"};
+    if (kind == "front_end_engine") return {"model", "source"};
     return {};
 }
 

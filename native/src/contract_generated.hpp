@@ -33,7 +33,7 @@ inline constexpr const char* VISION_INPUTS[2] = {"pixel_values", "landmarks"};
 // contract_summary() as JSON: a manifest whose contract differs on any of these keys is refused
 inline constexpr const char* SUMMARY_JSON = "{\"template\": \"llava_v1\", \"system_prompt\": \"A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the human's questions.\", \"image_token_index\": -200, \"image_tokens\": 256, \"video_frame_tokens\": 257, \"num_frames\": 8, \"image_size\": 224, \"face_crop_size\": 256, \"landmark_scale\": 256.0, \"landmark_layout\": \"ibug68\", \"landmark_regions\": [[\"face\", 0, 17], [\"eyebrow1\", 17, 22], [\"eyebrow2\", 22, 27], [\"nose\", 27, 31], [\"nostril\", 31, 36], [\"eye1\", 36, 42], [\"eye2\", 42, 48], [\"lips\", 48, 60], [\"teeth\", 60, 68]], \"clip_mean\": [0.48145466, 0.4578275, 0.40821073], \"clip_std\": [0.26862954, 0.26130258, 0.27577711]}";
 // facellava/bundle.py's manifest vocabularies: a file's kind, a graph's precision and modality
-inline constexpr const char* FILE_KINDS[] = {"vision", "llm", "engine", "data", "timing_cache", "front_end"};
+inline constexpr const char* FILE_KINDS[] = {"vision", "llm", "engine", "data", "timing_cache", "front_end", "front_end_engine"};
 inline constexpr const char* PRECISIONS[] = {"fp32", "fp16", "int8"};
 inline constexpr const char* MODALITIES[] = {"image", "video"};
 // the GGUF types in order of preference (runtime/pipeline.py's LLM_PREFERENCE)
