@@ -236,33 +236,21 @@ def prepare(workdir: Path, layers: int, hidden: int, tower_layers: int, layers_p
 
 def llama_cpp_speed(gguf: str, positions: int, tokens: int) -> dict:
     """Plain llama-cpp-python: time to first token of a text prompt of `positions` tokens (one `eval`, then the
-    argmax), and greedy decode tokens/s over `tokens` tokens (`eval` + argmax each), with the runtime's threads and
-    llama_cpp.Llama's defaults otherwise (F16 KV cache)."""
+    argmax), and greedy decode tokens/s over `tokens` tokens (`calibration.bench.llama_cpp_greedy`), with the
+    runtime's threads and llama_cpp.Llama's defaults otherwise (F16 KV cache)."""
     import llama_cpp
-    import numpy as np
 
-    from facellava.calibration.bench import llama_last_logits
+    from facellava.calibration.bench import llama_cpp_greedy, llama_cpp_prompt
     from facellava.runtime.llm import usable_cores
 
     threads = usable_cores()
     llm = llama_cpp.Llama(model_path=gguf, n_ctx=positions + tokens + 8, n_batch=512, n_threads=threads,
                           n_threads_batch=threads, verbose=False)
     try:
-        vocab = llm.n_vocab()
-        prompt = [llm.token_bos()] + [3 + (i * 7919) % (vocab - 3) for i in range(positions - 1)]
-
-        start = time.perf_counter()
-        llm.eval(prompt)
-        token = int(np.argmax(llama_last_logits(llm)))
-        first = time.perf_counter()
-        for _ in range(tokens - 1):
-            llm.eval([token])
-            token = int(np.argmax(llama_last_logits(llm)))
-        end = time.perf_counter()
+        _, first_ms, rate = llama_cpp_greedy(llm, llama_cpp_prompt(llm, positions), None, tokens)
     finally:
         llm.close()
-    return {"time_to_first_token_ms": (first - start) * 1e3,
-            "decode_tokens_per_s": (tokens - 1) / (end - first) if tokens > 1 else 0.0, "threads": threads}
+    return {"time_to_first_token_ms": first_ms, "decode_tokens_per_s": rate, "threads": threads}
 
 
 # --- measuring one command -----------------------------------------------------------------------------------

@@ -19,8 +19,6 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -32,7 +30,7 @@ def main() -> None:
 
     import llama_cpp
 
-    from facellava.calibration.bench import llama_last_logits
+    from facellava.calibration.bench import llama_cpp_greedy
     from facellava.demo import demo_bundle
     from facellava.runtime.assets import face_photo
     from facellava.runtime.pipeline import Pipeline
@@ -68,14 +66,8 @@ def main() -> None:
 
     def bare_loop() -> tuple[float, float]:
         raw.reset()
-        start = time.perf_counter()
-        raw.eval(prompt)
-        token = int(np.argmax(llama_last_logits(raw)))
-        first = time.perf_counter()
-        for _ in range(n_tokens - 1):
-            raw.eval([token])
-            token = int(np.argmax(llama_last_logits(raw)))
-        return (first - start) * 1000, (n_tokens - 1) / (time.perf_counter() - first)
+        _, first_ms, rate = llama_cpp_greedy(raw, prompt, None, n_tokens)
+        return first_ms, rate
 
     def runtime() -> tuple[float, float]:
         pipeline.session.forget_medium()

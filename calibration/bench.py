@@ -186,29 +186,48 @@ def llama_last_logits(llm: Any) -> np.ndarray:
     return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
 
 
+def llama_cpp_prompt(llm: Any, positions: int) -> list[int]:
+    """A text prompt of `positions` ids for a plain `llama_cpp.Llama`: BOS, then ids spread over the vocabulary
+    (prefill and decode speed depend on the length only)."""
+    vocab = llm.n_vocab()
+    return [llm.token_bos()] + [3 + (i * 7919) % (vocab - 3) for i in range(positions - 1)]
+
+
+def llama_cpp_greedy(llm: Any, prompt: Sequence[int] | None, token: int | None, tokens: int
+                     ) -> tuple[int, float, float]:
+    """The bare llama-cpp-python loop the runtime is measured against: one `eval` of `prompt` (None: decode on
+    from the context as it is, starting with `token`) and its argmax, then `tokens` - 1 greedy steps (`eval` of
+    one token + argmax of the last logits), EOS ignored. Returns (the first token, its milliseconds, decode
+    tokens/s)."""
+    start = time.perf_counter()
+    if prompt is not None:
+        llm.eval(list(prompt))
+        token = int(np.argmax(llama_last_logits(llm)))
+    first = time.perf_counter()
+    step = token
+    for _ in range(tokens - 1):
+        llm.eval([step])
+        step = int(np.argmax(llama_last_logits(llm)))
+    end = time.perf_counter()
+    return int(token), (first - start) * 1e3, (tokens - 1) / (end - first) if tokens > 1 else 0.0
+
+
 def raw_llama_decode_rate(gguf_path: Path, prompt_positions: int, tokens: int, n_threads: int | None,
                           runs: int = 3) -> float:
     """Greedy decode tokens/s of plain `llama_cpp.Llama` on the GGUF after a text prompt of `prompt_positions`
-    tokens (any ids; decode speed depends on the length only): `tokens` steps, EOS ignored, the median of `runs`
-    decodes from the same prompt."""
+    tokens (`llama_cpp_prompt`): `tokens` steps (`llama_cpp_greedy`), the median of `runs` decodes from the same
+    prompt."""
     import llama_cpp
 
     llm = llama_cpp.Llama(str(gguf_path), n_ctx=prompt_positions + tokens + 8, n_batch=512, verbose=False,
                           n_threads=n_threads, flash_attn=False)
     try:
-        vocab = llm.n_vocab()
-        prompt = [llm.token_bos()] + [3 + (i * 7919) % (vocab - 3) for i in range(prompt_positions - 1)]
-        llm.eval(prompt)
-        first = int(np.argmax(llama_last_logits(llm)))
+        prompt = llama_cpp_prompt(llm, prompt_positions)
+        first, _, _ = llama_cpp_greedy(llm, prompt, None, 1)
         rates = []
         for _ in range(runs):
             llm.n_tokens = len(prompt)  # Llama.eval drops the cache beyond n_tokens: decode again from the prompt
-            token = first
-            start = time.perf_counter()
-            for _ in range(tokens - 1):
-                llm.eval([token])
-                token = int(np.argmax(llama_last_logits(llm)))
-            rates.append((tokens - 1) / (time.perf_counter() - start))
+            rates.append(llama_cpp_greedy(llm, None, first, tokens)[2])
         return float(np.median(rates))
     finally:
         llm.close()
