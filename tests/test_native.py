@@ -1,7 +1,12 @@
 """The native runner (`CMakeLists.txt`, native/): the built `facellava-native` against the Python runtime on the tiny
-bundle, token for token (image and video, landmarks from a file and none, --no-face-crop, greedy); its
-preprocessing against runtime.preprocess through libfacellava's C ABI; bad inputs as one line and a non-zero exit;
-and the contract header generated from facellava/contract.py.
+bundle, token for token (image and video, landmarks from the face mesh, a file and none, the face crop and
+--no-face-crop, --face-index, greedy); its face front end against the Python one on the same front-end graphs
+(`FaceFrontEnd(graphs=...)`) and its preprocessing against runtime.preprocess, through libfacellava's C ABI; bad
+inputs as one line and a non-zero exit; and the headers generated from the Python source.
+
+Measured (this machine: Debian's OpenCV 4.6 natively, the opencv-python wheel's 4.11 in Python, the same ONNX
+Runtime library): face boxes and 256 x 256 crops identical on the photograph, every face of the 4-face composite
+and the 8 frames of the clips; the 68 landmarks within 0.011 crop pixels (LANDMARK_TOLERANCE_PX leaves room).
 
 The build is found at $FACELLAVA_NATIVE_BUILD or build/native (native/README.md; .ci/run builds it). Without it
 the tests that need it skip, saying so.
@@ -21,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from composites import compose
 from conftest import FACE_PHOTO, REPO, write_video
 
 BUILD = Path(os.environ.get("FACELLAVA_NATIVE_BUILD", REPO / "build" / "native"))
@@ -30,6 +36,10 @@ QUESTION = "What emotion is shown on this face?"
 MAX_TOKENS = 24
 # the F32 cache and exact attention of conftest's `pipeline`, given to the native runner too
 EXACT = ["--kv-cache", "f32", "--flash-attn", "off"]
+# the native front end's 68 landmarks against the Python one's on the same graphs, in pixels of the 256 crop:
+# measured 0 (photograph), 0.0035 (composite), 0.011 (drifting clip), 0.0031 (composite clip); the boxes and crops
+# being identical, the difference lies in the mesh's input warp or the projection (OpenCV 4.6 against 4.11)
+LANDMARK_TOLERANCE_PX = 0.05
 
 
 def sanitized() -> bool:
@@ -55,6 +65,37 @@ def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def group_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/test_front_end_parity.py's 4-face composite of the photograph (faces of 30 to 120 pixels), as a PNG."""
+    import cv2
+
+    from facellava.runtime.face import load_image
+
+    path = tmp_path_factory.mktemp("group") / "group.png"
+    cv2.imwrite(str(path), cv2.cvtColor(compose(load_image(FACE_PHOTO), [30, 60, 90, 120], 480, 640, seed=1)[0],
+                                        cv2.COLOR_RGB2BGR))
+    return path
+
+
+@pytest.fixture(scope="module")
+def group_clip(group_image: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_video(tmp_path_factory.mktemp("native") / "group.mp4", 10, photo=group_image)
+
+
+@pytest.fixture(scope="module")
+def graphs_front_end(tiny_bundle: Path):
+    """The Python front end on the tiny bundle's front-end graphs (ONNX Runtime, CPU): the reference."""
+    from facellava.bundle import Bundle
+    from facellava.runtime.face import FaceFrontEnd
+    from facellava.runtime.face_graphs import FRONT_END_FILES, FrontEndGraphs
+
+    opened = Bundle.open(tiny_bundle)
+    graphs = FrontEndGraphs.from_files({model: opened.path_of(name) for model, name in FRONT_END_FILES.items()})
+    with FaceFrontEnd(graphs=graphs) as front_end:
+        yield front_end
+
+
+@pytest.fixture(scope="module")
 def landmark_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Official-format landmarks (crop pixels, 0..256): one (68, 2) array for the photo, (12, 68, 2) for the clip."""
     folder = tmp_path_factory.mktemp("landmarks")
@@ -68,7 +109,7 @@ def landmark_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 # --- the contract header --------------------------------------------------------------------------------------
 
 
-def test_contract_header_is_generated_from_the_contract():
+def test_headers_are_generated_from_the_python_source():
     sys.path.insert(0, str(REPO / "native"))
     try:
         import gen_contract
@@ -76,10 +117,13 @@ def test_contract_header_is_generated_from_the_contract():
         sys.path.remove(str(REPO / "native"))
     from facellava.runtime.pipeline import LLM_PREFERENCE
 
-    assert gen_contract.HEADER.read_text() == gen_contract.render(), "run python native/gen_contract.py"
+    for header, render in gen_contract.HEADERS.items():
+        assert header.read_text() == render(), f"{header.name}: run python native/gen_contract.py"
     assert gen_contract.LLM_PREFERENCE == LLM_PREFERENCE
     text = gen_contract.render()
     assert 'STOP_STRING = "</s>"' in text and "IMAGE_TOKENS = 256;" in text and "VIDEO_FRAME_TOKENS = 257;" in text
+    front_end = gen_contract.render_front_end()
+    assert '"face_mesh.onnx"' in front_end and "{132, 58}" in front_end and "MIN_FACE_SIDE = 20;" in front_end
 
 
 # --- token for token ------------------------------------------------------------------------------------------
@@ -106,6 +150,51 @@ def test_native_answer_is_the_python_answer(native, pipeline, tiny_bundle, clip,
     assert list(answer["timings"]) == list(asdict(expected.timings))
 
 
+@pytest.mark.parametrize("modality", ["image", "video"])
+@pytest.mark.parametrize("marks", ["face mesh", "file", "none"])
+def test_native_answer_with_the_face_front_end_is_the_python_answer(native, pipeline, tiny_bundle, clip,
+                                                                    landmark_files, modality, marks):
+    """Without --no-face-crop: the face found, cropped and (with the mesh) landmarked on the bundle's graphs, as
+    `facellava run --front-end graphs` does (conftest's `pipeline` takes the graphs the bundle has)."""
+    assert pipeline.front_end.backend == "graphs"
+    medium = {"image": FACE_PHOTO} if modality == "image" else {"video": clip}
+    landmarks = landmark_files[modality] if marks == "file" else None
+    expected = pipeline.ask(QUESTION, **medium, landmarks=landmarks, no_landmarks=marks == "none",
+                            max_tokens=MAX_TOKENS)
+    options = {"face mesh": [], "file": ["--landmarks", landmarks], "none": ["--no-landmarks"]}[marks]
+    result = run_native(tiny_bundle, f"--{modality}", medium[modality], *options, "--json", "--max-tokens",
+                        MAX_TOKENS, *EXACT, QUESTION)
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["tokens"] == expected.tokens and len(expected.tokens) > 0
+    assert answer["text"] == expected.text
+    assert (answer["modality"], answer["landmarks"]) == (modality, marks) == (expected.modality, expected.landmarks)
+    assert answer["prompt_positions"] == expected.prompt_positions
+    assert answer["timings"]["face_detection_ms"] > 0
+    assert (answer["timings"]["landmarks_ms"] > 0) == (marks == "face mesh")
+    assert list(answer["timings"]) == list(asdict(expected.timings))
+
+
+@pytest.mark.parametrize("modality", ["image", "video"])
+def test_native_face_index_picks_the_python_face(native, pipeline, tiny_bundle, group_image, group_clip, modality):
+    """The 4-face composite: --face-index 2 (the third face from the left, not the largest) gives the tokens
+    `facellava run --face-index 2` gives, and for the image another face other tokens (the tiny model answers
+    every 8-frame video alike; test_native_video_faces_are_the_python_ones compares the video's crops)."""
+    medium = {"image": group_image} if modality == "image" else {"video": group_clip}
+    tokens = {}
+    for index in (2, None):
+        expected = pipeline.ask(QUESTION, **medium, face_index=index, max_tokens=MAX_TOKENS)
+        index_args = [] if index is None else ["--face-index", index]
+        result = run_native(tiny_bundle, f"--{modality}", medium[modality], *index_args, "--json", "--max-tokens",
+                            MAX_TOKENS, *EXACT, QUESTION)
+        assert result.returncode == 0, result.stderr
+        answer = json.loads(result.stdout)
+        assert answer["tokens"] == expected.tokens and answer["landmarks"] == expected.landmarks == "face mesh"
+        tokens[index] = answer["tokens"]
+    if modality == "image":
+        assert tokens[2] != tokens[None]
+
+
 def test_native_streams_like_facellava_run(native, tiny_bundle):
     """The CLIs side by side with their default options (llama.cpp's F16 cache, automatic flash attention): the
     streamed text, then the summary line; and the --json objects with the same keys."""
@@ -127,14 +216,37 @@ def test_native_streams_like_facellava_run(native, tiny_bundle):
     assert our_json["tokens"] == python_json["tokens"]
 
 
+def test_native_json_reports_the_face_as_facellava_run(native, tiny_bundle):
+    """With the face front end (the CLIs' defaults): the same --json keys, landmarks "face mesh", the face's
+    timings filled in, and the same tokens."""
+    args = [tiny_bundle, "--image", FACE_PHOTO, "--max-tokens", 8, "--json", QUESTION]
+    python = subprocess.run([sys.executable, "-m", "facellava", "run", *map(str, args), "--front-end", "graphs"],
+                            capture_output=True, text=True, timeout=600)
+    ours = run_native(*args)
+    assert python.returncode == 0 and ours.returncode == 0, (python.stderr, ours.stderr)
+    python_json, our_json = json.loads(python.stdout), json.loads(ours.stdout)
+    assert list(our_json) == list(python_json) and list(our_json["timings"]) == list(python_json["timings"])
+    assert our_json["landmarks"] == python_json["landmarks"] == "face mesh"
+    assert our_json["tokens"] == python_json["tokens"]
+    for key in ("face_detection_ms", "landmarks_ms"):
+        assert our_json["timings"][key] > 0 and python_json["timings"][key] > 0
+
+
 # --- preprocessing through the C ABI --------------------------------------------------------------------------
 
 
-class Request(ctypes.Structure):
+class Request(ctypes.Structure):  # facellava_request
     _fields_ = [("image", ctypes.c_char_p), ("video", ctypes.c_char_p), ("landmarks_npy", ctypes.c_char_p),
                 ("no_landmarks", ctypes.c_int), ("no_face_crop", ctypes.c_int), ("max_tokens", ctypes.c_int),
                 ("temperature", ctypes.c_float), ("top_p", ctypes.c_float), ("top_k", ctypes.c_int),
-                ("seed", ctypes.c_uint32)]
+                ("seed", ctypes.c_uint32), ("face_index", ctypes.c_int)]
+
+
+class Face(ctypes.Structure):  # facellava_face
+    _fields_ = [("width", ctypes.c_int), ("height", ctypes.c_int), ("rgb", ctypes.POINTER(ctypes.c_uint8)),
+                ("has_landmarks", ctypes.c_int), ("landmarks", ctypes.c_float * 136), ("has_box", ctypes.c_int),
+                ("box", ctypes.c_int * 4), ("score", ctypes.c_double), ("detect_ms", ctypes.c_double),
+                ("landmarks_ms", ctypes.c_double)]
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +259,10 @@ def library(native) -> ctypes.CDLL:
     lib.facellava_preprocess.argtypes = [ctypes.POINTER(Request), ctypes.POINTER(ctypes.c_size_t),
                                          ctypes.POINTER(ctypes.c_char_p)]
     lib.facellava_free.argtypes = [ctypes.c_void_p]
+    lib.facellava_front_end.restype = ctypes.POINTER(Face)
+    lib.facellava_front_end.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.POINTER(Request),
+                                        ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_char_p)]
+    lib.facellava_free_faces.argtypes = [ctypes.POINTER(Face), ctypes.c_size_t]
     return lib
 
 
@@ -192,6 +308,81 @@ def test_native_video_pixels_match_within_the_opencv_builds_difference(library, 
     difference = np.abs(ours - expected).max()
     print(f"native vs Python video pixels: max-abs {difference:.2e}")
     assert ours.shape == expected.shape and difference < 2e-4
+
+
+# --- the face front end through the C ABI ----------------------------------------------------------------------
+
+
+def native_faces(lib: ctypes.CDLL, bundle: Path, image: Path | None = None, video: Path | None = None,
+                 face_index: int | None = None, no_face_crop: bool = False) -> list[dict]:
+    request = Request()
+    lib.facellava_request_default(ctypes.byref(request))
+    request.image = str(image).encode() if image else None
+    request.video = str(video).encode() if video else None
+    if face_index is not None:
+        request.face_index = face_index
+    request.no_face_crop = int(no_face_crop)
+    count, error = ctypes.c_size_t(), ctypes.c_char_p()
+    faces = lib.facellava_front_end(str(bundle).encode(), None, ctypes.byref(request), ctypes.byref(count),
+                                    ctypes.byref(error))
+    assert faces, error.value
+    try:
+        return [{"crop": np.ctypeslib.as_array(face.rgb, shape=(face.height, face.width, 3)).copy(),
+                 "landmarks": np.array(face.landmarks).reshape(68, 2) if face.has_landmarks else None,
+                 "box": tuple(face.box) if face.has_box else None}
+                for face in (faces[i] for i in range(count.value))]
+    finally:
+        lib.facellava_free_faces(faces, count)
+
+
+def assert_same_faces(ours: list[dict], theirs: list) -> float:
+    """Boxes and crops identical; returns the landmarks' largest difference in crop pixels of 256."""
+    assert len(ours) == len(theirs)
+    worst = 0.0
+    for a, b in zip(ours, theirs, strict=True):
+        assert a["box"] == (None if b.box is None else (b.box.x, b.box.y, b.box.width, b.box.height))
+        assert a["crop"].shape == b.crop.shape and np.array_equal(a["crop"], b.crop)
+        assert (a["landmarks"] is None) == (b.landmarks is None)
+        if b.landmarks is not None:
+            worst = max(worst, float(np.abs(a["landmarks"] - b.landmarks).max()) * 256)
+    return worst
+
+
+@pytest.mark.parametrize("image", ["photo", "group"])
+def test_native_face_crops_and_landmarks_are_the_python_ones(library, tiny_bundle, graphs_front_end, group_image,
+                                                             image):
+    """Every face of the photograph and the 4-face composite, by --face-index and by default (the largest), and the
+    whole image (--no-face-crop, landmarks from the mesh on the square): boxes and crops to the byte, landmarks
+    within LANDMARK_TOLERANCE_PX."""
+    from facellava.runtime.face import load_image
+
+    path = FACE_PHOTO if image == "photo" else group_image
+    rgb = load_image(path)
+    found = graphs_front_end.detect(rgb)
+    assert len(found) == (1 if image == "photo" else 4)
+    worst = 0.0
+    for index in [None, *range(len(found))]:
+        expected = graphs_front_end.process_image(rgb, face_index=index)
+        worst = max(worst, assert_same_faces(native_faces(library, tiny_bundle, image=path, face_index=index),
+                                             [expected]))
+    expected = graphs_front_end.process_image(rgb, no_face_crop=True)
+    worst = max(worst, assert_same_faces(native_faces(library, tiny_bundle, image=path, no_face_crop=True),
+                                         [expected]))
+    print(f"{image}: native vs Python landmarks max-abs {worst:.4f} crop px")
+    assert worst < LANDMARK_TOLERANCE_PX
+
+
+@pytest.mark.parametrize("which", ["clip", "group_clip"])
+def test_native_video_faces_are_the_python_ones(library, tiny_bundle, graphs_front_end, clip, group_clip, which):
+    """The 8 official frames: the face chosen in the first frame (the largest, or --face-index 1 in the group clip)
+    and followed frame to frame, as process_video does."""
+    from facellava.runtime.face import read_video
+
+    path, index = (clip, None) if which == "clip" else (group_clip, 1)
+    expected = graphs_front_end.process_video(read_video(path).frames, face_index=index)
+    worst = assert_same_faces(native_faces(library, tiny_bundle, video=path, face_index=index), expected)
+    print(f"{which}: native vs Python landmarks max-abs {worst:.4f} crop px")
+    assert worst < LANDMARK_TOLERANCE_PX
 
 
 # --- user errors: one line, non-zero exit ---------------------------------------------------------------------
@@ -275,10 +466,45 @@ def test_bad_landmarks(native, tiny_bundle, tmp_path, clip):
                           "5 frames", "decodes to 12")
 
 
-def test_what_the_native_runner_cannot_do_yet(native, tiny_bundle):
-    # face detection and face-mesh landmarks need the bundle's front-end graphs (issue 13): refused before loading
-    assert_one_line_error(ask(tiny_bundle, "--image", FACE_PHOTO, "--no-landmarks"), "front-end graphs",
-                          "--no-face-crop")
-    assert_one_line_error(ask(tiny_bundle, "--image", FACE_PHOTO, "--no-face-crop"), "--landmarks NPY")
-    assert_one_line_error(run_native(tiny_bundle, "--image", FACE_PHOTO, "--no-face-crop", "--no-landmarks", "  "),
+def test_face_errors(native, tiny_bundle, group_image, group_clip, tmp_path):
+    # the Python CLI's messages: a face index out of range, no face, an image too small for one, min_face < 1
+    assert_one_line_error(ask(tiny_bundle, "--image", group_image, "--face-index", 4), "face index 4 is out of range",
+                          "4 face(s) found in the image", "numbered 0 to 3")
+    assert_one_line_error(ask(tiny_bundle, "--image", FACE_PHOTO, "--face-index", -1), "face index -1 is out of range")
+    assert_one_line_error(ask(tiny_bundle, "--video", group_clip, "--face-index", 9), "face index 9 is out of range",
+                          "in the video")
+    import cv2
+
+    empty = tmp_path / "wall.png"
+    cv2.imwrite(str(empty), np.full((240, 320, 3), 128, np.uint8))
+    assert_one_line_error(ask(tiny_bundle, "--image", empty), "no face found in the image", "--no-face-crop")
+    small = tmp_path / "small.png"
+    cv2.imwrite(str(small), np.full((24, 40, 3), 128, np.uint8))
+    assert_one_line_error(ask(tiny_bundle, "--image", small), "40x24 pixels, too small to hold a face")
+    assert_one_line_error(ask(tiny_bundle, "--image", FACE_PHOTO, "--min-face", 0), "min_face must be at least 1")
+    assert_one_line_error(run_native(tiny_bundle, "--image", FACE_PHOTO, "--no-landmarks", "  "),
                           "the question is empty")
+
+
+def test_a_bundle_without_the_front_end_graphs(native, copied_bundle):
+    from facellava.bundle import BundleWriter
+    from facellava.runtime.face_graphs import FRONT_END_FILES
+
+    with BundleWriter.transaction(copied_bundle, create=False) as writer:
+        for name in FRONT_END_FILES.values():
+            writer.remove(name)
+    assert_one_line_error(ask(copied_bundle, "--image", FACE_PHOTO, "--no-landmarks"), "has no front-end graphs",
+                          "facellava export front-end")
+    assert_one_line_error(ask(copied_bundle, "--image", FACE_PHOTO, "--no-face-crop"), "has no front-end graphs")
+    # the whole image with landmarks from a file or none needs no graph
+    result = ask(copied_bundle, "--image", FACE_PHOTO, "--no-face-crop", "--no-landmarks")
+    assert result.returncode == 0, result.stderr
+
+
+def test_tampered_front_end_graph(native, copied_bundle):
+    with open(copied_bundle / "face_mesh.onnx", "r+b") as handle:
+        handle.seek(-3, os.SEEK_END)
+        byte = handle.read(1)
+        handle.seek(-3, os.SEEK_END)
+        handle.write(bytes([byte[0] ^ 1]))
+    assert_one_line_error(ask(copied_bundle, "--image", FACE_PHOTO), "face_mesh.onnx", "sha256")

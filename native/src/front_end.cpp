@@ -389,7 +389,8 @@ std::vector<Detection> GraphsFrontEnd::detections(const Rgb& rgb, const std::str
     int width = rgb.width, height = rgb.height;
     double long_side = std::max(width, height);
     Roi roi{width / 2.0, height / 2.0, long_side, long_side};  // letterbox_roi
-    std::vector<float> tensor = image_to_tensor(rgb, roi, spec.side, -1.0, 1.0, cv::BORDER_CONSTANT);
+    std::vector<float> tensor = image_to_tensor(rgb, roi, spec.side, fe::DETECTOR_RANGE[0], fe::DETECTOR_RANGE[1],
+                                                 cv::BORDER_CONSTANT);
     OnnxGraph& graph = *graphs_->networks.at(model);
     auto outputs = graph.run({graph.inputs[0].name}, {tensor.data()}, {{1, spec.side, spec.side, 3}});
     const auto& anchors = graphs_->anchors.at(model);
@@ -442,7 +443,7 @@ std::optional<std::vector<double>> GraphsFrontEnd::mesh(const Rgb& rgb) {
     double rotation = normalize_radians(-std::atan2(-dy * height, dx * width));
     double long_side = std::max(box_width * width, box_height * height) * fe::MESH_SCALE;
     Roi roi{(xmin + box_width / 2) * width, (ymin + box_height / 2) * height, long_side, long_side, rotation};
-    std::vector<float> tensor = image_to_tensor(rgb, roi, fe::MESH_SIDE, 0.0, 1.0, cv::BORDER_REPLICATE);
+    std::vector<float> tensor = image_to_tensor(rgb, roi, fe::MESH_SIDE, fe::MESH_RANGE[0], fe::MESH_RANGE[1], fe::MESH_BORDER);
     OnnxGraph& graph = *graphs_->networks.at("mesh");
     std::vector<std::string> wanted = {"output_mesh_identity", "conv_faceflag"};
     for (const auto& refinement : fe::MESH_REFINEMENTS) wanted.push_back(refinement.output);

@@ -21,6 +21,10 @@ struct DetectorSpec {
 };
 inline constexpr DetectorSpec SHORT_RANGE{"short_range", 128, {8, 16, 16, 16}, 4, true, 0.5f};
 inline constexpr DetectorSpec FULL_RANGE{"full_range", 192, {4}, 1, false, 0.6f};
+// image_to_tensor's value ranges and the mesh's border mode (an OpenCV border constant, the same in C++)
+inline constexpr double DETECTOR_RANGE[2] = {-1.0, 1.0};
+inline constexpr double MESH_RANGE[2] = {0.0, 1.0};
+inline constexpr int MESH_BORDER = 1;
 inline constexpr int MESH_SIDE = 192;
 inline constexpr double MESH_SCALE = 1.5;
 inline constexpr double MESH_PRESENCE = 0.5;
