@@ -124,6 +124,7 @@ def test_headers_are_generated_from_the_python_source():
     assert 'STOP_STRING = "</s>"' in text and "IMAGE_TOKENS = 256;" in text and "VIDEO_FRAME_TOKENS = 257;" in text
     front_end = gen_contract.render_front_end()
     assert '"face_mesh.onnx"' in front_end and "{132, 58}" in front_end and "MIN_FACE_SIDE = 20;" in front_end
+    assert '{"emotion", "What emotion is shown in the video?", 512,' in gen_contract.render_tasks()
 
 
 # --- token for token ------------------------------------------------------------------------------------------
@@ -195,6 +196,24 @@ def test_native_face_index_picks_the_python_face(native, pipeline, tiny_bundle, 
         assert tokens[2] != tokens[None]
 
 
+@pytest.mark.parametrize("task", ["emotion", "age"])
+def test_native_task_answer_is_the_python_answer(native, pipeline, tiny_bundle, task):
+    """--task: the task's official question for an empty one, its max_tokens, decoding constrained by its grammar
+    (generated from runtime/structured.py), the JSON answer the runtime gives."""
+    from facellava.runtime import structured
+
+    spec = structured.get_task(task)
+    expected = pipeline.ask(spec.question, image=FACE_PHOTO, grammar=spec.grammar, max_tokens=spec.max_tokens)
+    result = run_native(tiny_bundle, "--image", FACE_PHOTO, "--task", task, "--json", *EXACT, "")
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["tokens"] == expected.tokens and answer["text"] == expected.text
+    assert answer["finish_reason"] == expected.finish_reason != "length"  # closed: the grammar ended it
+    assert set(structured.parse_answer(answer["text"], spec.schema)) == set(spec.schema["required"])
+    assert_one_line_error(run_native(tiny_bundle, "--image", FACE_PHOTO, "--task", "mood", ""),
+                          "unknown task 'mood'", "emotion, action_units, age, attributes, deepfake")
+
+
 def test_native_streams_like_facellava_run(native, tiny_bundle):
     """The CLIs side by side with their default options (llama.cpp's F16 cache, automatic flash attention): the
     streamed text, then the summary line; and the --json objects with the same keys."""
@@ -239,7 +258,7 @@ class Request(ctypes.Structure):  # facellava_request
     _fields_ = [("image", ctypes.c_char_p), ("video", ctypes.c_char_p), ("landmarks_npy", ctypes.c_char_p),
                 ("no_landmarks", ctypes.c_int), ("no_face_crop", ctypes.c_int), ("max_tokens", ctypes.c_int),
                 ("temperature", ctypes.c_float), ("top_p", ctypes.c_float), ("top_k", ctypes.c_int),
-                ("seed", ctypes.c_uint32), ("face_index", ctypes.c_int)]
+                ("seed", ctypes.c_uint32), ("face_index", ctypes.c_int), ("task", ctypes.c_char_p)]
 
 
 class Face(ctypes.Structure):  # facellava_face

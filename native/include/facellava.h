@@ -63,6 +63,7 @@ typedef struct facellava_request {
     int top_k;                 /* 0: off */
     uint32_t seed;
     int face_index;            /* which face, counted left to right; FACELLAVA_LARGEST_FACE: the largest (default) */
+    const char* task;          /* a built-in task (facellava_task): the answer constrained to its JSON schema, or NULL */
 } facellava_request;
 
 /* One image's or video frame's face as the front end makes it (runtime/face.py's FaceCrop). */
@@ -107,6 +108,10 @@ FACELLAVA_EXPORT float* facellava_preprocess(const facellava_request* request, s
 FACELLAVA_EXPORT facellava_face* facellava_front_end(const char* bundle, const facellava_options* options,
                                                      const facellava_request* request, size_t* count, char** error);
 FACELLAVA_EXPORT void facellava_free_faces(facellava_face* faces, size_t count);
+
+/* A built-in face task (emotion, action_units, age, attributes, deepfake: runtime/structured.py's): 1 with its
+ * official question and the max_tokens its longest answer fits in (each may be NULL), or 0 for an unknown name. */
+FACELLAVA_EXPORT int facellava_task(const char* name, const char** question, int* max_tokens);
 
 FACELLAVA_EXPORT void facellava_close(facellava_runner* runner);
 FACELLAVA_EXPORT void facellava_free(void* memory);

@@ -45,8 +45,9 @@ facellava::Request to_request(const facellava_request* r) {
     request.no_landmarks = r->no_landmarks != 0;
     request.no_face_crop = r->no_face_crop != 0;
     if (r->face_index != FACELLAVA_LARGEST_FACE) request.face_index = r->face_index;
+    request.task = r->task ? r->task : "";
     request.max_tokens = r->max_tokens;
-    request.sampling = {r->temperature, r->top_p, r->top_k, r->seed};
+    request.sampling = {r->temperature, r->top_p, r->top_k, r->seed, {}};
     return request;
 }
 
@@ -59,7 +60,7 @@ void facellava_options_default(facellava_options* o) {
 }
 
 void facellava_request_default(facellava_request* r) {
-    *r = facellava_request{nullptr, nullptr, nullptr, 0, 0, 256, 0.0f, 1.0f, 0, 0, FACELLAVA_LARGEST_FACE};
+    *r = facellava_request{nullptr, nullptr, nullptr, 0, 0, 256, 0.0f, 1.0f, 0, 0, FACELLAVA_LARGEST_FACE, nullptr};
 }
 
 facellava_runner* facellava_open(const char* bundle, const facellava_options* o, char** error) {
@@ -165,6 +166,17 @@ void facellava_free_faces(facellava_face* faces, size_t count) {
     if (faces == nullptr) return;
     for (size_t i = 0; i < count; ++i) std::free(faces[i].rgb);
     std::free(faces);
+}
+
+int facellava_task(const char* name, const char** question, int* max_tokens) {
+    if (name == nullptr) return 0;
+    for (const auto& task : facellava::tasks::TASKS) {
+        if (std::strcmp(name, task.name) != 0) continue;
+        if (question != nullptr) *question = task.question;
+        if (max_tokens != nullptr) *max_tokens = task.max_tokens;
+        return 1;
+    }
+    return 0;
 }
 
 void facellava_close(facellava_runner* runner) { delete runner; }

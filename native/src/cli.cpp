@@ -25,7 +25,7 @@ const char* USAGE =
     "                        [--face-index N] [--min-face PX] [--json] [--max-tokens N] [--llm TYPE]\n"
     "                        [--vision-precision P] [--n-ctx N] [--kv-cache f16|f32] [--flash-attn auto|on|off]\n"
     "                        [--threads N] [--threads-batch N] [--poll 0-100] [--temperature T] [--top-p P]\n"
-    "                        [--top-k K] [--seed S] QUESTION\n"
+    "                        [--top-k K] [--seed S] [--task NAME] QUESTION\n"
     "\n"
     "Answer a question about a photo or a video with an exported bundle, as `facellava run` does.\n"
     "The face is found and its 68 landmarks taken on the bundle's front-end graphs (`facellava export\n"
@@ -35,7 +35,10 @@ const char* USAGE =
     "  --no-face-crop   the whole image padded to a square, no face detection\n"
     "  --landmarks NPY  precomputed 68-point landmarks (official .npy) instead of the face mesh's\n"
     "  --no-landmarks   run without FRLP/FRGCA (the official demo's path)\n"
-    "Not native: --camera, --task, --front-end mediapipe, other vision backends (use `facellava run`).\n";
+    "  --task NAME      answer as JSON in the task's schema: emotion, action_units, age, attributes or deepfake\n"
+    "                   (constrained decoding; \"\" as QUESTION asks the task's official question; max tokens\n"
+    "                   default to the schema's longest answer)\n"
+    "Not native: --camera, --front-end mediapipe, other vision backends (use `facellava run`).\n";
 
 struct UsageError {
     std::string message;
@@ -84,7 +87,8 @@ int main(int argc, char** argv) {
     facellava_request_default(&request);
     std::vector<std::string> positional;
     bool json = false;
-    std::string llm_type, precision = "fp32", image, video, landmarks;
+    std::string llm_type, precision = "fp32", image, video, landmarks, task;
+    bool max_tokens_given = false;
     try {
         for (int i = 1; i < argc; ++i) {
             std::string arg = argv[i];
@@ -121,6 +125,9 @@ int main(int argc, char** argv) {
                 json = true;
             } else if (arg == "--max-tokens") {
                 request.max_tokens = static_cast<int>(parse_int(arg, next(), INT_MIN, INT_MAX));
+                max_tokens_given = true;
+            } else if (arg == "--task") {
+                task = next();
             } else if (arg == "--llm") {
                 llm_type = next();
             } else if (arg == "--vision-precision") {
@@ -170,7 +177,20 @@ int main(int argc, char** argv) {
     options.llm_type = llm_type.empty() ? nullptr : llm_type.c_str();
     options.vision_precision = precision.c_str();
 
-    const std::string& question = positional[1];
+    std::string question = positional[1];
+    if (!task.empty()) {  // as runtime/cli.py: the task's question for an empty one, its max_tokens by default
+        const char* task_question = nullptr;
+        int task_max_tokens = 0;
+        request.task = task.c_str();
+        if (facellava_task(task.c_str(), &task_question, &task_max_tokens) == 0) {
+            char* refused = facellava_check("?", &request);  // the library's message names the tasks it has
+            int status = fail(refused);
+            facellava_free(refused);
+            return status;
+        }
+        if (question.find_first_not_of(" \t\n\r\f\v") == std::string::npos) question = task_question;
+        if (!max_tokens_given) request.max_tokens = task_max_tokens;
+    }
     if (char* refused = facellava_check(question.c_str(), &request)) {  // before the bundle is loaded
         int status = fail(refused);
         facellava_free(refused);

@@ -240,6 +240,14 @@ void LlamaModel::eval_embeddings(const float* rows, int count) {
 
 llama_sampler* LlamaModel::sampler_chain(const Sampling& s) const {
     llama_sampler* chain = llama_sampler_chain_init(llama_sampler_chain_default_params());
+    if (!s.grammar.empty()) {  // first, as runtime/session.py's chain
+        llama_sampler* grammar = llama_sampler_init_grammar(vocab_, s.grammar.c_str(), "root");
+        if (grammar == nullptr) {
+            llama_sampler_free(chain);
+            throw Error("llama.cpp cannot parse the grammar (see its log); check the JSON schema");
+        }
+        llama_sampler_chain_add(chain, grammar);
+    }
     if (s.temperature <= 0) {
         llama_sampler_chain_add(chain, llama_sampler_init_greedy());
         return chain;

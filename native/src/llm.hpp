@@ -27,6 +27,7 @@ struct Sampling {
     float top_p = 1.0f;
     int top_k = 0;
     std::uint32_t seed = 0;
+    std::string grammar;  // GBNF text (root rule `root`) that constrains every token first; empty: none
 };
 
 // Throws Error unless the values are in range (runtime/session.py's Sampling).

@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <set>
 
 #include "contract_generated.hpp"
 #include "errors.hpp"
@@ -63,6 +64,15 @@ void check_question(const std::string& question) {
     }
 }
 
+const tasks::Task& get_task(const std::string& name) {
+    std::string names;
+    for (const auto& task : tasks::TASKS) {
+        if (name == task.name) return task;
+        names += (names.empty() ? "" : ", ") + std::string(task.name);
+    }
+    throw Error("unknown task '" + name + "'; expected one of " + names);
+}
+
 void check_min_face(int min_face) {
     if (min_face < 1) throw Error("min_face must be at least 1 pixel, got " + std::to_string(min_face));
 }
@@ -71,6 +81,7 @@ void check_request(const std::string& question, const Request& request) {
     check_question(question);
     if (request.max_tokens < 1) throw Error("max_tokens must be at least 1, got " + std::to_string(request.max_tokens));
     check_sampling(request.sampling);
+    if (!request.task.empty()) get_task(request.task);
     if (request.image.empty() == request.video.empty()) throw Error("give exactly one of an image or a video");
     if (request.no_landmarks && !request.landmarks.empty()) throw Error("give landmarks or ask for none, not both");
 }
@@ -196,9 +207,21 @@ Answer Runner::ask(const std::string& question, const Request& request,
         throw Error("the vision graph gives " + std::to_string(tokens.width) + "-wide tokens but the LLM takes " +
                     std::to_string(llm_->n_embd()) + ": the bundle mixes two models; export it again");
     }
+    Sampling sampling = request.sampling;
+    if (!request.task.empty()) sampling.grammar = get_task(request.task).grammar;
     answer.generation = facellava::answer(*llm_, question, tokens.blocks, tokens.tokens,
-                                          [&](int i) { return tokens.block(i); }, request.max_tokens, request.sampling,
+                                          [&](int i) { return tokens.block(i); }, request.max_tokens, sampling,
                                           on_piece);
+    if (!request.task.empty() && answer.generation.finish_reason != "length") {
+        // the grammar guarantees the schema's JSON (runtime/cli.py checks it too): a miss is an error
+        auto value = nlohmann::json::parse(answer.generation.text, nullptr, false);
+        if (value.is_discarded()) throw Error("the answer is not complete JSON; raise max_tokens");
+        auto schema = nlohmann::json::parse(get_task(request.task).schema_json);
+        std::set<std::string> keys, required(schema["required"].begin(), schema["required"].end());
+        if (value.is_object())
+            for (const auto& item : value.items()) keys.insert(item.key());
+        if (keys != required) throw Error("the answer does not match the task's JSON schema (its keys)");
+    }
     answer.timings.time_to_first_token_ms = answer.generation.prefill_ms;
     answer.timings.decode_tokens_per_s = answer.generation.decode_tokens_per_s();
     answer.timings.total_ms = ms_since(start);

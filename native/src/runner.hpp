@@ -11,6 +11,7 @@
 #include "bundle.hpp"
 #include "front_end.hpp"
 #include "front_end_generated.hpp"
+#include "tasks_generated.hpp"
 #include "llm.hpp"
 #include "vision.hpp"
 
@@ -23,6 +24,9 @@ struct RunnerOptions {
     LlmOptions llm;
 };
 
+// The built-in task called `name` (runtime/structured.py's TASKS, generated). Throws Error for any other name.
+const tasks::Task& get_task(const std::string& name);
+
 // Throws Error unless the smallest face searched for is at least 1 pixel (runtime/pipeline.py's check).
 void check_min_face(int min_face);
 
@@ -32,6 +36,7 @@ struct Request {
     bool no_landmarks = false;
     bool no_face_crop = false;
     std::optional<int> face_index;  // which face, left to right; none: the largest
+    std::string task;               // a built-in task (runtime/structured.py): the answer in its JSON schema
     int max_tokens = 256;
     Sampling sampling;
 };
