@@ -1,7 +1,7 @@
 // facellava-native: `facellava run` without Python, through libfacellava's C ABI.
 //
 //   facellava-native BUNDLE (--image P | --video P) [--landmarks NPY | --no-landmarks] [--no-face-crop]
-//                    [--face-index N] [--min-face PX] [--json] [--max-tokens N] "QUESTION"
+//                    [--face-index N] [--min-face PX] [--task NAME] [--json] [--max-tokens N] "QUESTION"
 //
 // Streams the answer to stdout, then a summary line (or with --json one JSON object, the Python CLI's format).
 // A user error is one line on stderr and exit status 1; a usage error exit status 2.
