@@ -99,17 +99,15 @@ def render() -> str:
     return "\n".join(lines)
 
 
-def int_array(name: str, values) -> str:
+def int_array(name: str, values: tuple[int, ...]) -> str:
+    """A C++ int array named `name`."""
     return f"inline constexpr int {name}[] = {{" + ", ".join(str(int(v)) for v in values) + "};"
 
 
 def render_front_end() -> str:
     """The face front end's header: runtime/face_graphs.py's and runtime/face.py's constants and tables."""
     g, f = face_graphs, face
-    refinements = []
-    for output, indices in g.MESH_REFINEMENTS:
-        name = output.upper()
-        refinements.append(int_array(name, indices))
+    refinements = [int_array(output.upper(), indices) for output, indices in g.MESH_REFINEMENTS]
     # MESH_TO_IBUG68: one or two mesh vertices per iBUG point, as pairs (the second -1 for one vertex)
     assert all(1 <= len(vertices) <= 2 for vertices in f.MESH_TO_IBUG68)
     mapping = ", ".join(f"{{{v[0]}, {v[1] if len(v) == 2 else -1}}}" for v in f.MESH_TO_IBUG68)
@@ -164,7 +162,8 @@ def render_front_end() -> str:
         "    int count;",
         "};",
         "inline constexpr Refinement MESH_REFINEMENTS[] = {"
-        + ", ".join(f"{{{c_string(output)}, {output.upper()}, {len(indices)}}}" for output, indices in g.MESH_REFINEMENTS)
+        + ", ".join(f"{{{c_string(output)}, {output.upper()}, {len(indices)}}}"
+                    for output, indices in g.MESH_REFINEMENTS)
         + "};",
         "// runtime/face.py: the detection search and the face choice",
         f"inline constexpr int MIN_FACE_SIDE = {f.MIN_FACE_SIDE};",
