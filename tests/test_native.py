@@ -261,6 +261,13 @@ class Request(ctypes.Structure):  # facellava_request
                 ("seed", ctypes.c_uint32), ("face_index", ctypes.c_int), ("task", ctypes.c_char_p)]
 
 
+class Options(ctypes.Structure):  # facellava_options
+    _fields_ = [("llm_type", ctypes.c_char_p), ("vision_precision", ctypes.c_char_p), ("n_ctx", ctypes.c_int),
+                ("n_threads", ctypes.c_int), ("n_threads_batch", ctypes.c_int), ("poll", ctypes.c_int),
+                ("kv_cache_f32", ctypes.c_int), ("flash_attn", ctypes.c_int), ("n_gpu_layers", ctypes.c_int),
+                ("min_face", ctypes.c_int)]
+
+
 class Face(ctypes.Structure):  # facellava_face
     _fields_ = [("width", ctypes.c_int), ("height", ctypes.c_int), ("rgb", ctypes.POINTER(ctypes.c_uint8)),
                 ("has_landmarks", ctypes.c_int), ("landmarks", ctypes.c_float * 136), ("has_box", ctypes.c_int),
@@ -279,7 +286,7 @@ def library(native) -> ctypes.CDLL:
                                          ctypes.POINTER(ctypes.c_char_p)]
     lib.facellava_free.argtypes = [ctypes.c_void_p]
     lib.facellava_front_end.restype = ctypes.POINTER(Face)
-    lib.facellava_front_end.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.POINTER(Request),
+    lib.facellava_front_end.argtypes = [ctypes.c_char_p, ctypes.POINTER(Options), ctypes.POINTER(Request),
                                         ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_char_p)]
     lib.facellava_free_faces.argtypes = [ctypes.POINTER(Face), ctypes.c_size_t]
     return lib
@@ -333,7 +340,12 @@ def test_native_video_pixels_match_within_the_opencv_builds_difference(library, 
 
 
 def native_faces(lib: ctypes.CDLL, bundle: Path, image: Path | None = None, video: Path | None = None,
-                 face_index: int | None = None, no_face_crop: bool = False) -> list[dict]:
+                 face_index: int | None = None, no_face_crop: bool = False, min_face: int | None = None) -> list[dict]:
+    options = Options()
+    lib.facellava_options_default(ctypes.byref(options))
+    assert options.min_face == 20  # runtime/face.py's MIN_FACE_SIDE
+    if min_face is not None:
+        options.min_face = min_face
     request = Request()
     lib.facellava_request_default(ctypes.byref(request))
     request.image = str(image).encode() if image else None
@@ -342,8 +354,8 @@ def native_faces(lib: ctypes.CDLL, bundle: Path, image: Path | None = None, vide
         request.face_index = face_index
     request.no_face_crop = int(no_face_crop)
     count, error = ctypes.c_size_t(), ctypes.c_char_p()
-    faces = lib.facellava_front_end(str(bundle).encode(), None, ctypes.byref(request), ctypes.byref(count),
-                                    ctypes.byref(error))
+    faces = lib.facellava_front_end(str(bundle).encode(), ctypes.byref(options), ctypes.byref(request),
+                                    ctypes.byref(count), ctypes.byref(error))
     assert faces, error.value
     try:
         return [{"crop": np.ctypeslib.as_array(face.rgb, shape=(face.height, face.width, 3)).copy(),
@@ -389,6 +401,27 @@ def test_native_face_crops_and_landmarks_are_the_python_ones(library, tiny_bundl
                                          [expected]))
     print(f"{image}: native vs Python landmarks max-abs {worst:.4f} crop px")
     assert worst < LANDMARK_TOLERANCE_PX
+
+
+def test_native_min_face_searches_as_the_python_one(library, tiny_bundle, group_image):
+    """--min-face 100: no tiles on the 640-pixel composite, so its smaller faces are found by the whole-image views
+    only, with other boxes (measured: the 34-pixel face's box 49 pixels wide); the boxes and crops are
+    FaceFrontEnd(min_face_side=100)'s."""
+    from facellava.bundle import Bundle
+    from facellava.runtime.face import FaceFrontEnd, load_image
+    from facellava.runtime.face_graphs import FRONT_END_FILES, FrontEndGraphs
+
+    opened = Bundle.open(tiny_bundle)
+    graphs = FrontEndGraphs.from_files({model: opened.path_of(name) for model, name in FRONT_END_FILES.items()})
+    rgb = load_image(group_image)
+    with FaceFrontEnd(graphs=graphs, min_face_side=100) as front_end:
+        found = front_end.detect(rgb)
+        assert len(found) == 4 and found[3].width != 34  # 34 with the default min_face (20)
+        for index in range(len(found)):
+            expected = front_end.process_image(rgb, face_index=index)
+            worst = assert_same_faces(native_faces(library, tiny_bundle, image=group_image, face_index=index,
+                                                   min_face=100), [expected])
+            assert worst < LANDMARK_TOLERANCE_PX
 
 
 @pytest.mark.parametrize("which", ["clip", "group_clip"])
