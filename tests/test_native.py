@@ -278,8 +278,9 @@ class Face(ctypes.Structure):  # facellava_face
 @pytest.fixture(scope="module")
 def library(native) -> ctypes.CDLL:
     if sanitized() and "libasan" not in os.environ.get("LD_PRELOAD", ""):
-        pytest.skip("a sanitizer build loads into Python only with its runtime first: LD_PRELOAD=$(gcc "
-                    "-print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0")
+        pytest.skip("a sanitizer build loads into Python only with its runtime first: LD_PRELOAD=\"$(gcc "
+                    "-print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so.6)\" ASAN_OPTIONS=detect_leaks=0 "
+                    "(libstdc++ too, or C++ exceptions thrown in other extensions, onnx's, abort)")
     lib = ctypes.CDLL(str(LIBRARY))
     lib.facellava_preprocess.restype = ctypes.POINTER(ctypes.c_float)
     lib.facellava_preprocess.argtypes = [ctypes.POINTER(Request), ctypes.POINTER(ctypes.c_size_t),
