@@ -6,7 +6,8 @@ inputs as one line and a non-zero exit; and the headers generated from the Pytho
 
 Measured (this machine: Debian's OpenCV 4.6 natively, the opencv-python wheel's 4.11 in Python, the same ONNX
 Runtime library): face boxes and 256 x 256 crops identical on the photograph, every face of the 4-face composite
-and the 8 frames of the clips; the 68 landmarks within 0.011 crop pixels (LANDMARK_TOLERANCE_PX leaves room).
+and the 8 frames of the clips; the 68 landmarks identical too (0.011 crop pixels apart before the native side
+computed the detectors' scores with numpy's float32 exp instead of libm's expf).
 
 The build is found at $FACELLAVA_NATIVE_BUILD or build/native (native/README.md; .ci/run builds it). Without it
 the tests that need it skip, saying so.
@@ -37,9 +38,21 @@ MAX_TOKENS = 24
 # the F32 cache and exact attention of conftest's `pipeline`, given to the native runner too
 EXACT = ["--kv-cache", "f32", "--flash-attn", "off"]
 # the native front end's 68 landmarks against the Python one's on the same graphs, in pixels of the 256 crop:
-# measured 0 (photograph), 0.0035 (composite), 0.011 (drifting clip), 0.0031 (composite clip); the boxes and crops
-# being identical, the difference lies in the mesh's input warp or the projection (OpenCV 4.6 against 4.11)
+# measured 0 on every image and clip here (asserted where numpy's exp kernel runs); the limit leaves room for CPUs
+# where numpy's float32 exp is libm's or the BLAS rounds the landmark correction otherwise (with libm's expf natively
+# they were 0.011 apart on this machine)
 LANDMARK_TOLERANCE_PX = 0.05
+
+
+def landmarks_limit() -> float:
+    """0 where numpy runs its own float32 exp kernel (x86-64 with AVX2 and FMA3, or AVX512F), which the native side
+    reproduces, as on this machine; LANDMARK_TOLERANCE_PX elsewhere."""
+    import platform
+
+    from numpy.core._multiarray_umath import __cpu_features__ as features
+
+    kernel = (features.get("AVX2") and features.get("FMA3")) or features.get("AVX512F")
+    return 0.0 if platform.machine() == "x86_64" and kernel else LANDMARK_TOLERANCE_PX
 
 
 def sanitized() -> bool:
@@ -385,7 +398,7 @@ def test_native_face_crops_and_landmarks_are_the_python_ones(library, tiny_bundl
                                                              image):
     """Every face of the photograph and the 4-face composite, by --face-index and by default (the largest), and the
     whole image (--no-face-crop, landmarks from the mesh on the square): boxes and crops to the byte, landmarks
-    within LANDMARK_TOLERANCE_PX."""
+    within landmarks_limit() (0 here)."""
     from facellava.runtime.face import load_image
 
     path = FACE_PHOTO if image == "photo" else group_image
@@ -401,7 +414,7 @@ def test_native_face_crops_and_landmarks_are_the_python_ones(library, tiny_bundl
     worst = max(worst, assert_same_faces(native_faces(library, tiny_bundle, image=path, no_face_crop=True),
                                          [expected]))
     print(f"{image}: native vs Python landmarks max-abs {worst:.4f} crop px")
-    assert worst < LANDMARK_TOLERANCE_PX
+    assert worst <= landmarks_limit()
 
 
 def test_native_min_face_searches_as_the_python_one(library, tiny_bundle, group_image):
@@ -422,7 +435,7 @@ def test_native_min_face_searches_as_the_python_one(library, tiny_bundle, group_
             expected = front_end.process_image(rgb, face_index=index)
             worst = assert_same_faces(native_faces(library, tiny_bundle, image=group_image, face_index=index,
                                                    min_face=100), [expected])
-            assert worst < LANDMARK_TOLERANCE_PX
+            assert worst <= landmarks_limit()
 
 
 @pytest.mark.parametrize("which", ["clip", "group_clip"])
@@ -435,7 +448,7 @@ def test_native_video_faces_are_the_python_ones(library, tiny_bundle, graphs_fro
     expected = graphs_front_end.process_video(read_video(path).frames, face_index=index)
     worst = assert_same_faces(native_faces(library, tiny_bundle, video=path, face_index=index), expected)
     print(f"{which}: native vs Python landmarks max-abs {worst:.4f} crop px")
-    assert worst < LANDMARK_TOLERANCE_PX
+    assert worst <= landmarks_limit()
 
 
 # --- user errors: one line, non-zero exit ---------------------------------------------------------------------
