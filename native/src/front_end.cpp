@@ -95,11 +95,11 @@ std::vector<float> image_to_tensor(const Rgb& rgb, const Roi& roi, int side, dou
     return tensor;
 }
 
-// numpy's float32 exp as the Python reference computes the scores: on x86-64 with AVX2 and FMA (or AVX-512) numpy
-// (1.x and 2.x) runs its own kernel (Cody-Waite reduction, a 5/2 rational polynomial with fused multiply-adds,
+// numpy's float32 exp as the Python reference computes the scores: on x86-64 with AVX2 and FMA (or AVX-512), numpy
+// 1.26 (the runtime's) runs its own kernel (Cody-Waite reduction, a 5/2 rational polynomial with fused multiply-adds,
 // scaling by 2^k), which differs from libm's expf in the last bit for about 40 % of inputs; elsewhere it calls expf.
-// Equal to numpy 1.26's on 2,000,000 values in [-100, 100] and [-1, 1] here. The scores weight the suppression's averages, so a bit
-// there moves a box (and the mesh's region) by a hair.
+// Equal to numpy 1.26's on 2,000,000 values in [-100, 100] and [-1, 1] here. The scores weight the suppression's
+// averages, so a bit there moves a box (and the mesh's region) by a hair.
 bool numpy_exp_kernel() {
 #if defined(__x86_64__) && defined(__GNUC__)
     static const bool simd = (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ||
