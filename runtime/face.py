@@ -611,8 +611,9 @@ class FaceFrontEnd:
         cx, cy = box.center
         left, top = max(0, int(cx - side / 2)), max(0, int(cy - side / 2))
         right, bottom = min(width, int(cx + side / 2)), min(height, int(cy + side / 2))
-        for detector in ("short_range", "full_range"):
-            candidates += self._look(detector, rgb, left, top, right - left, bottom - top, tile=True)
+        if right > left and bottom > top:  # an empty square (a box of no size, or outside the frame): no view
+            for detector in ("short_range", "full_range"):
+                candidates += self._look(detector, rgb, left, top, right - left, bottom - top, tile=True)
         return sorted(_merge(candidates, official, self.min_face_score), key=lambda box: box.center[0])
 
     def _tile_sides(self, height: int, width: int) -> list[int]:

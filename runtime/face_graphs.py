@@ -222,6 +222,7 @@ def weighted_nms(boxes: np.ndarray, keypoints: np.ndarray, scores: np.ndarray,
     while order.size:
         best = order[0]
         overlap = _iou(boxes[best], boxes[order]) > threshold
+        overlap[0] = True  # the best is its own member even when its box is degenerate (IoU 0 with itself)
         members = order[overlap]
         weights = scores[members][:, None]
         total = weights.sum()

@@ -174,3 +174,25 @@ def test_run_answers_alike_with_either_front_end(tiny_bundle, face_photo, tmp_pa
         finally:
             pipeline.close()
     expect_error(plain_bundle, "has no front-end graphs", "--front-end", "graphs", "--image", face_photo, QUESTION)
+
+
+def test_weighted_nms_keeps_a_degenerate_best_box_alone() -> None:
+    """A box of no area has IoU 0 with itself: it must still be taken (and the loop end), alone, not averaged."""
+    from facellava.runtime.face_graphs import NUM_KEYPOINTS, weighted_nms
+
+    boxes = np.float32([[10, 10, 0, 0], [0, 0, 8, 8], [1, 1, 8, 8], [50, 50, 4, 4]])
+    keypoints = np.arange(4 * NUM_KEYPOINTS * 2, dtype=np.float32).reshape(4, NUM_KEYPOINTS, 2)
+    scores = np.float32([0.9, 0.8, 0.7, 0.6])
+    found = weighted_nms(boxes, keypoints, scores)
+    assert [round(score, 6) for _, _, score in found] == [0.9, 0.8, 0.6]
+    assert np.array_equal(found[0][0], boxes[0]) and np.allclose(found[0][1], keypoints[0], rtol=1e-6)
+    weights = np.float32([0.8, 0.7])  # the two overlapping boxes (IoU 49/79) averaged, weighted by score
+    assert np.allclose(found[1][0][:2], (boxes[1:3, :2] * weights[:, None]).sum(0) / weights.sum())
+
+
+def test_following_a_box_of_no_size_finds_nothing_new(graphs, photo) -> None:
+    from facellava.runtime.face import FaceBox
+
+    front_end = FaceFrontEnd(graphs=graphs)  # not closed: the graphs are the module's
+    found = front_end.detect_near(photo, FaceBox(100, 100, 0, 0, 1.0))
+    assert [box.official for box in found] == [True]  # the whole image's official detection, no traceback
