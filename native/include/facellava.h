@@ -25,7 +25,7 @@
 extern "C" {
 #endif
 
-#define FACELLAVA_ABI_VERSION 2
+#define FACELLAVA_ABI_VERSION 3
 
 /* facellava_request.face_index: the largest face (the default) */
 #define FACELLAVA_LARGEST_FACE (-2147483647 - 1)
@@ -49,6 +49,9 @@ typedef struct facellava_options {
     int flash_attn;               /* -1 auto (default), 0 off, 1 on */
     int n_gpu_layers;             /* LLM layers on the GPU where llama.cpp has one (0) */
     int min_face;                 /* the smallest face searched for, in pixels (20) */
+    const char* device;           /* the ONNX graphs' execution providers: "auto" (default: the best installed,
+                                     TensorRT then CUDA then the CPU), "cpu", "cuda" or "tensorrt" */
+    const char* vision;           /* the vision backend: "auto" (default), "onnxruntime" or "tensorrt" */
 } facellava_options;
 
 typedef struct facellava_request {
@@ -64,6 +67,7 @@ typedef struct facellava_request {
     uint32_t seed;
     int face_index;            /* which face, counted left to right; FACELLAVA_LARGEST_FACE: the largest (default) */
     const char* task;          /* a built-in task (facellava_task): the answer constrained to its JSON schema, or NULL */
+    int camera;                /* an OpenCV camera index: one frame of it instead of an image; -1: none (default) */
 } facellava_request;
 
 /* One image's or video frame's face as the front end makes it (runtime/face.py's FaceCrop). */

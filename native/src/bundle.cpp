@@ -1,6 +1,7 @@
 #include "bundle.hpp"
 
 #include <fcntl.h>
+#include <pwd.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -433,6 +434,18 @@ std::vector<std::string> Bundle::find(const std::string& kind, const json& wante
     }
     std::sort(names.begin(), names.end());
     return names;
+}
+
+fs::path user_cache_dir() {
+    const char* own = std::getenv("FACELLAVA_CACHE");
+    if (own != nullptr && *own != '\0') return own;
+    const char* xdg = std::getenv("XDG_CACHE_HOME");
+    if (xdg != nullptr && *xdg != '\0') return fs::path(xdg) / "facellava";
+    const char* home = std::getenv("HOME");  // Path.home(): $HOME, else the password database's
+    std::string base = home != nullptr && *home != '\0' ? home : "";
+    if (base.empty())
+        if (const passwd* entry = ::getpwuid(::geteuid())) base = entry->pw_dir;
+    return fs::path(base) / ".cache" / "facellava";
 }
 
 fs::path Bundle::verify(const std::string& name) const {

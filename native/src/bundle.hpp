@@ -23,6 +23,10 @@ std::string file_sha256(const std::filesystem::path& path);
 // bundle.py's onnx_external_data); throws Error when the file is not a protobuf model.
 std::vector<std::string> onnx_external_data(const std::filesystem::path& path);
 
+// The per-user cache directory, as bundle.py's user_cache_dir: $FACELLAVA_CACHE, else $XDG_CACHE_HOME/facellava,
+// else ~/.cache/facellava.
+std::filesystem::path user_cache_dir();
+
 class Bundle {
   public:
     // Open a bundle directory: its manifest read and checked, its contract compared with this build's.

@@ -46,6 +46,7 @@ facellava::Request to_request(const facellava_request* r) {
     request.no_face_crop = r->no_face_crop != 0;
     if (r->face_index != FACELLAVA_LARGEST_FACE) request.face_index = r->face_index;
     request.task = r->task ? r->task : "";
+    if (r->camera != -1) request.camera = r->camera;
     request.max_tokens = r->max_tokens;
     request.sampling = {r->temperature, r->top_p, r->top_k, r->seed, {}};
     return request;
@@ -56,11 +57,11 @@ facellava::Request to_request(const facellava_request* r) {
 extern "C" {
 
 void facellava_options_default(facellava_options* o) {
-    *o = facellava_options{nullptr, "fp32", 4096, 0, 0, 0, 0, -1, 0, facellava::front_end::MIN_FACE_SIDE};
+    *o = facellava_options{nullptr, "fp32", 4096, 0, 0, 0, 0, -1, 0, facellava::front_end::MIN_FACE_SIDE, "auto", "auto"};
 }
 
 void facellava_request_default(facellava_request* r) {
-    *r = facellava_request{nullptr, nullptr, nullptr, 0, 0, 256, 0.0f, 1.0f, 0, 0, FACELLAVA_LARGEST_FACE, nullptr};
+    *r = facellava_request{nullptr, nullptr, nullptr, 0, 0, 256, 0.0f, 1.0f, 0, 0, FACELLAVA_LARGEST_FACE, nullptr, -1};
 }
 
 facellava_runner* facellava_open(const char* bundle, const facellava_options* o, char** error) {
@@ -80,6 +81,8 @@ facellava_runner* facellava_open(const char* bundle, const facellava_options* o,
         options.llm.flash_attn = o->flash_attn;
         options.llm.n_gpu_layers = o->n_gpu_layers;
         options.min_face = o->min_face;
+        options.device = o->device ? o->device : "auto";
+        options.vision = o->vision ? o->vision : "auto";
         if (bundle == nullptr) throw facellava::Error("no bundle given");
         auto runner = std::make_unique<facellava::Runner>(bundle, options);
         return new facellava_runner{std::move(runner)};
@@ -128,7 +131,8 @@ facellava_face* facellava_front_end(const char* bundle, const facellava_options*
         if (bundle == nullptr || r == nullptr || count == nullptr) throw std::invalid_argument("a NULL argument");
         facellava_options defaults;
         facellava_options_default(&defaults);
-        auto crops = facellava::face_crops(bundle, (o ? o : &defaults)->min_face, to_request(r));
+        if (o == nullptr) o = &defaults;
+        auto crops = facellava::face_crops(bundle, o->min_face, to_request(r), o->device ? o->device : "auto");
         auto* faces = static_cast<facellava_face*>(std::calloc(crops.size(), sizeof(facellava_face)));
         if (faces == nullptr) throw std::bad_alloc();
         for (std::size_t i = 0; i < crops.size(); ++i) {

@@ -1,10 +1,15 @@
 // facellava-native: `facellava run` without Python, through libfacellava's C ABI.
 //
-//   facellava-native BUNDLE (--image P | --video P) [--landmarks NPY | --no-landmarks] [--no-face-crop]
-//                    [--face-index N] [--min-face PX] [--task NAME] [--json] [--max-tokens N] "QUESTION"
+//   facellava-native BUNDLE (--image P | --video P | --camera INDEX) [--landmarks NPY | --no-landmarks]
+//                    [--no-face-crop] [--face-index N] [--min-face PX] [--task NAME] [--json] [--max-tokens N]
+//                    [--device auto|cpu|cuda|tensorrt] [--vision auto|onnxruntime|tensorrt]
+//                    [--priority normal|medium|high] "QUESTION"
 //
 // Streams the answer to stdout, then a summary line (or with --json one JSON object, the Python CLI's format).
 // A user error is one line on stderr and exit status 1; a usage error exit status 2.
+#include <dirent.h>
+#include <sys/resource.h>
+
 #include <cerrno>
 #include <climits>
 #include <cstdio>
@@ -21,7 +26,9 @@
 namespace {
 
 const char* USAGE =
-    "usage: facellava-native BUNDLE (--image P | --video P) [--landmarks NPY | --no-landmarks] [--no-face-crop]\n"
+    "usage: facellava-native BUNDLE (--image P | --video P | --camera INDEX) [--landmarks NPY | --no-landmarks]\n"
+    "                        [--no-face-crop] [--device auto|cpu|cuda|tensorrt] [--vision auto|onnxruntime|tensorrt]\n"
+    "                        [--priority normal|medium|high]\n"
     "                        [--face-index N] [--min-face PX] [--json] [--max-tokens N] [--llm TYPE]\n"
     "                        [--vision-precision P] [--n-ctx N] [--kv-cache f16|f32] [--flash-attn auto|on|off]\n"
     "                        [--threads N] [--threads-batch N] [--poll 0-100] [--temperature T] [--top-p P]\n"
@@ -38,7 +45,13 @@ const char* USAGE =
     "  --task NAME      answer as JSON in the task's schema: emotion, action_units, age, attributes or deepfake\n"
     "                   (constrained decoding; \"\" as QUESTION asks the task's official question; max tokens\n"
     "                   default to the schema's longest answer)\n"
-    "Not native: --camera, --front-end mediapipe, other vision backends (use `facellava run`).\n";
+    "  --camera INDEX   one frame from an OpenCV camera instead of --image\n"
+    "  --device D       the ONNX graphs' execution providers: auto (default: the best installed, TensorRT with its\n"
+    "                   engines cached in the user's cache, then CUDA, then the CPU), cpu, cuda or tensorrt\n"
+    "  --vision B       the vision backend: auto (default), onnxruntime or tensorrt (the bundle's engines)\n"
+    "  --priority P     CPU priority of the whole process: normal, medium, high (nice 0, -5, -10; above normal\n"
+    "                   needs root or CAP_SYS_NICE); high keeps decoding at full speed beside other busy work\n"
+    "Not native: --front-end mediapipe, --vision torch (use `facellava run`).\n";
 
 struct UsageError {
     std::string message;
@@ -58,6 +71,41 @@ float parse_float(const std::string& option, const std::string& text) {
     float value = std::strtof(text.c_str(), &end);
     if (text.empty() || *end != '\0') throw UsageError{"argument " + option + ": invalid float value: '" + text + "'"};
     return value;
+}
+
+std::string choice(const std::string& option, const std::string& value, const std::vector<std::string>& choices) {
+    std::string listed;
+    for (const auto& c : choices) {
+        if (c == value) return value;
+        listed += (listed.empty() ? "'" : ", '") + c + "'";
+    }
+    throw UsageError{"argument " + option + ": invalid choice: '" + value + "' (choose from " + listed + ")"};
+}
+
+// runtime/llm.py's set_priority: every thread of this process (Linux keeps a nice value per thread; new ones
+// inherit their creator's) at least at `level`'s priority, a higher one given by the system kept. Returns the
+// one-line reason when the system refuses, else "".
+std::string set_priority(const std::string& level) {
+    int nice = level == "high" ? -10 : level == "medium" ? -5 : 0;
+    std::vector<int> threads;
+    if (DIR* tasks = opendir("/proc/self/task")) {
+        while (dirent* entry = readdir(tasks))
+            if (entry->d_name[0] != '.') threads.push_back(std::atoi(entry->d_name));
+        closedir(tasks);
+    }
+    if (threads.empty()) threads.push_back(0);
+    for (int tid : threads) {
+        errno = 0;
+        int current = getpriority(PRIO_PROCESS, static_cast<id_t>(tid));
+        if (current == -1 && errno == ESRCH) continue;  // a thread that ended meanwhile
+        if (current <= nice) continue;
+        if (setpriority(PRIO_PROCESS, static_cast<id_t>(tid), nice) != 0) {
+            if (errno == ESRCH) continue;
+            return "priority " + level + " (nice " + std::to_string(nice) + ") needs root or CAP_SYS_NICE (systemd: "
+                   "AmbientCapabilities=CAP_SYS_NICE, or Nice= in the unit)";
+        }
+    }
+    return "";
 }
 
 int print_piece(const char* piece, size_t size, void*) {
@@ -87,7 +135,9 @@ int main(int argc, char** argv) {
     facellava_request_default(&request);
     std::vector<std::string> positional;
     bool json = false;
-    std::string llm_type, precision = "fp32", image, video, landmarks, task;
+    std::string llm_type, precision = "fp32", image, video, landmarks, task, device = "auto", vision = "auto",
+                priority;
+    bool camera = false;
     bool max_tokens_given = false;
     try {
         for (int i = 1; i < argc; ++i) {
@@ -111,6 +161,15 @@ int main(int argc, char** argv) {
                 image = next();
             } else if (arg == "--video") {
                 video = next();
+            } else if (arg == "--camera") {
+                request.camera = static_cast<int>(parse_int(arg, next(), 0, INT_MAX));
+                camera = true;
+            } else if (arg == "--device") {
+                device = choice(arg, next(), {"auto", "cpu", "cuda", "tensorrt"});
+            } else if (arg == "--vision") {
+                vision = choice(arg, next(), {"auto", "onnxruntime", "tensorrt"});
+            } else if (arg == "--priority") {
+                priority = choice(arg, next(), {"normal", "medium", "high"});
             } else if (arg == "--landmarks") {
                 landmarks = next();
             } else if (arg == "--no-landmarks") {
@@ -164,7 +223,9 @@ int main(int argc, char** argv) {
             }
         }
         if (positional.size() != 2) throw UsageError{"give BUNDLE and QUESTION (see --help)"};
-        if (image.empty() == video.empty()) throw UsageError{"one of the arguments --image --video is required"};
+        int media = int(!image.empty()) + int(!video.empty()) + int(camera);
+        if (media == 0) throw UsageError{"one of the arguments --image --video --camera is required"};
+        if (media > 1) throw UsageError{"give only one of the arguments --image --video --camera"};
         if (!landmarks.empty() && request.no_landmarks)
             throw UsageError{"argument --no-landmarks: not allowed with argument --landmarks"};
     } catch (const UsageError& error) {
@@ -176,6 +237,8 @@ int main(int argc, char** argv) {
     request.landmarks_npy = landmarks.empty() ? nullptr : landmarks.c_str();
     options.llm_type = llm_type.empty() ? nullptr : llm_type.c_str();
     options.vision_precision = precision.c_str();
+    options.device = device.c_str();
+    options.vision = vision.c_str();
 
     std::string question = positional[1];
     if (!task.empty()) {  // as runtime/cli.py: the task's question for an empty one, its max_tokens by default
@@ -195,6 +258,13 @@ int main(int argc, char** argv) {
         int status = fail(refused);
         facellava_free(refused);
         return status;
+    }
+    // before the library's thread pools start: they inherit it (runtime/cli.py: a refused explicit priority is an
+    // error, the default's a warning)
+    std::string refused = set_priority(priority.empty() ? "normal" : priority);
+    if (!refused.empty()) {
+        if (!priority.empty()) return fail(refused.c_str());
+        std::fprintf(stderr, "facellava-native: warning: running at normal priority: %s\n", refused.c_str());
     }
     char* error = nullptr;
     facellava_runner* runner = facellava_open(positional[0].c_str(), &options, &error);

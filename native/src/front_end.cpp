@@ -399,7 +399,7 @@ struct GraphsFrontEnd::Graphs {
     std::map<std::string, std::vector<std::array<float, 2>>> anchors;
 };
 
-GraphsFrontEnd::GraphsFrontEnd(const Bundle& bundle, int min_face_side)
+GraphsFrontEnd::GraphsFrontEnd(const Bundle& bundle, int min_face_side, const std::string& device)
     : graphs_(std::make_unique<Graphs>()), min_face_side_(min_face_side) {
     if (!has_front_end_graphs(bundle)) {
         throw Error(bundle.root().string() + " has no front-end graphs; add them with `facellava export front-end "
@@ -407,9 +407,9 @@ GraphsFrontEnd::GraphsFrontEnd(const Bundle& bundle, int min_face_side)
     }
     const std::string remedy = "export it again with `facellava export front-end`";
     // one thread each, as runtime/face_graphs.py's onnx_networks: the networks are small
-    graphs_->networks["short_range"] = OnnxGraph::open(bundle, fe::SHORT_RANGE_FILE, 1, remedy);
-    graphs_->networks["full_range"] = OnnxGraph::open(bundle, fe::FULL_RANGE_FILE, 1, remedy);
-    graphs_->networks["mesh"] = OnnxGraph::open(bundle, fe::MESH_FILE, 1, remedy);
+    graphs_->networks["short_range"] = OnnxGraph::open(bundle, fe::SHORT_RANGE_FILE, 1, remedy, device);
+    graphs_->networks["full_range"] = OnnxGraph::open(bundle, fe::FULL_RANGE_FILE, 1, remedy, device);
+    graphs_->networks["mesh"] = OnnxGraph::open(bundle, fe::MESH_FILE, 1, remedy, device);
     for (const auto* spec : {&fe::SHORT_RANGE, &fe::FULL_RANGE}) graphs_->anchors[spec->name] = ssd_anchors(*spec);
     for (const auto& [model, graph] : graphs_->networks) {
         if (graph->inputs.size() != 1 || graph->inputs[0].type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)

@@ -72,10 +72,11 @@ struct Detection {
 
 class GraphsFrontEnd : public FrontEnd {
   public:
-    // The bundle's three graphs on ONNX Runtime (CPU, one thread each, as runtime/face_graphs.py opens them), each
-    // verified by the bundle first. `min_face_side`: the smallest face searched for, in pixels. Throws Error when
-    // the bundle lacks them or they cannot be loaded.
-    GraphsFrontEnd(const Bundle& bundle, int min_face_side);
+    // The bundle's three graphs on ONNX Runtime (one thread each, as runtime/face_graphs.py opens them) on
+    // `device`'s execution providers (onnx_session.hpp's execution_providers), each verified by the bundle first.
+    // `min_face_side`: the smallest face searched for, in pixels. Throws Error when the bundle lacks them or they
+    // cannot be loaded.
+    GraphsFrontEnd(const Bundle& bundle, int min_face_side, const std::string& device = "cpu");
     ~GraphsFrontEnd() override;
 
     FaceCrop process_image(const Rgb& rgb, const FaceOptions& options, const std::string& name) override;

@@ -128,7 +128,31 @@ Rgb load_image(const std::string& path) {
     if (!is_file(path, directory)) throw Error("image not found: " + path + (directory ? " is a directory" : ""));
     cv::Mat bgr;
     try {
-        bgr = cv::imread(path, cv::IMREAD_COLOR);  // EXIF orientation applied, alpha dropped, grey expanded
+        // EXIF orientation applied, alpha dropped, grey expanded; 16-bit levels kept for the scaling below
+        bgr = cv::imread(path, cv::IMREAD_COLOR | cv::IMREAD_ANYDEPTH);
+        if (!bgr.empty() && bgr.depth() == CV_16U) {
+            // Pillow (runtime/face.py's _pil_to_rgb) reads 16-bit colour as its high bytes (OpenCV's >> 8 too) but
+            // 16-bit grey ("I;16") as rint(level / 257); only the grey ones need their own scaling
+            cv::Mat levels = cv::imread(path, cv::IMREAD_ANYCOLOR | cv::IMREAD_ANYDEPTH);
+            if (levels.channels() == 1 && levels.depth() == CV_16U) {
+                cv::Mat grey(levels.rows, levels.cols, CV_8UC1);
+                for (int y = 0; y < levels.rows; ++y)
+                    for (int x = 0; x < levels.cols; ++x)
+                        grey.at<std::uint8_t>(y, x) = static_cast<std::uint8_t>(
+                            std::nearbyint(levels.at<std::uint16_t>(y, x) / 257.0));
+                cv::cvtColor(grey, bgr, cv::COLOR_GRAY2BGR);
+            } else {
+                cv::Mat high(bgr.rows, bgr.cols, CV_8UC3);
+                for (int y = 0; y < bgr.rows; ++y) {
+                    const std::uint16_t* in = bgr.ptr<std::uint16_t>(y);
+                    std::uint8_t* out = high.ptr<std::uint8_t>(y);
+                    for (int i = 0; i < bgr.cols * 3; ++i) out[i] = static_cast<std::uint8_t>(in[i] >> 8);
+                }
+                bgr = high;
+            }
+        } else if (!bgr.empty() && bgr.depth() != CV_8U) {
+            bgr = cv::imread(path, cv::IMREAD_COLOR);  // other depths as OpenCV makes them 8-bit
+        }
     } catch (const cv::Exception&) {
         bgr = cv::Mat();
     }
@@ -137,6 +161,22 @@ Rgb load_image(const std::string& path) {
     }
     Rgb rgb = from_bgr(bgr);
     check_image(rgb, path);
+    return rgb;
+}
+
+Rgb camera_frame(int index) {
+    quiet_opencv();
+    cv::Mat bgr;
+    try {
+        cv::VideoCapture capture(index);
+        if (capture.isOpened() && !capture.read(bgr)) bgr = cv::Mat();
+    } catch (const cv::Exception&) {
+        bgr = cv::Mat();
+    }
+    if (bgr.empty() || bgr.type() != CV_8UC3)
+        throw Error("camera " + std::to_string(index) + " cannot be opened or gives no frame");
+    Rgb rgb = from_bgr(bgr);
+    check_image(rgb, "camera " + std::to_string(index));
     return rgb;
 }
 

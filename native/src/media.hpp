@@ -23,7 +23,12 @@ inline constexpr int MIN_IMAGE_SIDE = 32;
 
 // An image file as RGB, upright (EXIF orientation applied). Throws Error for a missing path, a file that is not an
 // image, and an image smaller than MIN_IMAGE_SIDE on a side.
+// 16-bit images as Pillow makes them 8-bit (runtime/face.py): grey levels rint(v / 257), colour its high bytes.
 Rgb load_image(const std::string& path);
+
+// One frame of an OpenCV camera (runtime/cli.py's camera_frame) as RGB. Throws Error when it cannot be opened or
+// gives no frame, or the frame is too small for a face.
+Rgb camera_frame(int index);
 
 // Throws Error when `rgb` is smaller than MIN_IMAGE_SIDE on a side; `name` names it.
 void check_image(const Rgb& rgb, const std::string& name);

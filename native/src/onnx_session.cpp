@@ -1,5 +1,8 @@
 #include "onnx_session.hpp"
 
+#include <filesystem>
+#include <set>
+
 #include "errors.hpp"
 
 namespace facellava {
@@ -12,7 +15,72 @@ Ort::Env& environment() {
     return env;
 }
 
+// runtime/ort_providers.py's _ORDER: what each device asks for, best first
+std::vector<std::string> order_of(const std::string& device) {
+    if (device == "tensorrt") return {"TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"};
+    if (device == "cuda") return {"CUDAExecutionProvider", "CPUExecutionProvider"};
+    return {"CPUExecutionProvider"};
+}
+
+// The providers after the first call to ONNX Runtime (a CPU-only library lists CPUExecutionProvider alone).
+void append_provider(Ort::SessionOptions& options, const std::string& provider) {
+    const OrtApi& api = Ort::GetApi();
+    if (provider == "CUDAExecutionProvider") {
+        OrtCUDAProviderOptionsV2* cuda = nullptr;
+        Ort::ThrowOnError(api.CreateCUDAProviderOptions(&cuda));
+        std::unique_ptr<OrtCUDAProviderOptionsV2, void (*)(OrtCUDAProviderOptionsV2*)> owned(
+            cuda, api.ReleaseCUDAProviderOptions);
+        options.AppendExecutionProvider_CUDA_V2(*cuda);
+    } else if (provider == "TensorrtExecutionProvider") {
+        // the engines and timing cache kept in the user's cache, as Python's provider keeps them: only the first
+        // start builds them (minutes for a vision graph)
+        std::filesystem::path cache = user_cache_dir() / TENSORRT_CACHE;
+        std::error_code ignored;
+        std::filesystem::create_directories(cache, ignored);
+        std::string path = cache.string();
+        const char* keys[] = {"trt_engine_cache_enable", "trt_engine_cache_path", "trt_timing_cache_enable",
+                              "trt_timing_cache_path"};
+        const char* values[] = {"1", path.c_str(), "1", path.c_str()};
+        OrtTensorRTProviderOptionsV2* tensorrt = nullptr;
+        Ort::ThrowOnError(api.CreateTensorRTProviderOptions(&tensorrt));
+        std::unique_ptr<OrtTensorRTProviderOptionsV2, void (*)(OrtTensorRTProviderOptionsV2*)> owned(
+            tensorrt, api.ReleaseTensorRTProviderOptions);
+        Ort::ThrowOnError(api.UpdateTensorRTProviderOptions(tensorrt, keys, values, 4));
+        options.AppendExecutionProvider_TensorRT_V2(*tensorrt);
+    }  // the CPU provider is always there, last
+}
+
 }  // namespace
+
+std::vector<std::string> execution_providers(const std::string& device) {
+    std::string names;
+    bool known = false;
+    for (const char* d : DEVICES) {
+        known = known || device == d;
+        names += (names.empty() ? "" : ", ") + std::string(d);
+    }
+    if (!known) throw Error("unknown device '" + device + "'; choose from " + names);
+    std::vector<std::string> listed = Ort::GetAvailableProviders();
+    std::set<std::string> available(listed.begin(), listed.end());
+    std::string chosen = device;
+    if (device == "auto") {
+        chosen = "cpu";
+        for (const char* d : {"tensorrt", "cuda"})
+            if (available.count(order_of(d).front())) {
+                chosen = d;
+                break;
+            }
+    } else if (!available.count(order_of(device).front())) {
+        std::string have;
+        for (const auto& name : available) have += (have.empty() ? "" : ", ") + name;
+        throw Error("onnxruntime " + Ort::GetVersionString() + " has no " + order_of(device).front() + " (it has " +
+                    have + "); install onnxruntime-gpu, with TensorRT for 'tensorrt'");
+    }
+    std::vector<std::string> providers;
+    for (const auto& name : order_of(chosen))
+        if (available.count(name)) providers.push_back(name);
+    return providers;
+}
 
 std::string first_line(const std::string& text, std::size_t limit) {
     std::string line = text.substr(0, text.find('\n'));
@@ -26,8 +94,9 @@ std::string shape_text(const std::vector<std::int64_t>& shape) {
 }
 
 std::unique_ptr<OnnxGraph> OnnxGraph::open(const Bundle& bundle, const std::string& name, int threads,
-                                           const std::string& remedy) {
+                                           const std::string& remedy, const std::string& device) {
     auto graph = std::make_unique<OnnxGraph>();
+    graph->providers = execution_providers(device);
     graph->name = name;
     graph->remedy_ = remedy;
     std::string path = bundle.path_of(name).string();
@@ -36,6 +105,14 @@ std::unique_ptr<OnnxGraph> OnnxGraph::open(const Bundle& bundle, const std::stri
     if (threads > 0) options.SetIntraOpNumThreads(threads);
     // ORT's worker threads otherwise spin after each run and take the cores llama.cpp decodes on
     options.AddConfigEntry("session.intra_op.allow_spinning", "0");
+    for (const auto& provider : graph->providers) {
+        try {
+            append_provider(options, provider);
+        } catch (const Ort::Exception& error) {
+            throw Error("ONNX Runtime cannot start its " + provider + " (" + first_line(error.what()) +
+                        "); check the GPU's driver and libraries, or give --device cpu");
+        }
+    }
     try {
         graph->session_ = Ort::Session(environment(), path.c_str(), options);
     } catch (const Ort::Exception& error) {

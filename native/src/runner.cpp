@@ -24,6 +24,18 @@ bool valid_utf8(const std::string& text, std::size_t& bad_at) {
     return false;
 }
 
+void check_medium(const Request& request) {
+    if (int(!request.image.empty()) + int(!request.video.empty()) + int(request.camera.has_value()) != 1)
+        throw Error("give exactly one of an image, a video or a camera");
+    if (request.camera && *request.camera < 0)
+        throw Error("a camera index is 0 or more, got " + std::to_string(*request.camera));
+}
+
+// the request's image: its file, or one frame of its camera
+Rgb image_of(const Request& request) {
+    return request.camera ? camera_frame(*request.camera) : load_image(request.image);
+}
+
 }  // namespace
 
 std::string Timings::line() const {
@@ -82,17 +94,18 @@ void check_request(const std::string& question, const Request& request) {
     if (request.max_tokens < 1) throw Error("max_tokens must be at least 1, got " + std::to_string(request.max_tokens));
     check_sampling(request.sampling);
     if (!request.task.empty()) get_task(request.task);
-    if (request.image.empty() == request.video.empty()) throw Error("give exactly one of an image or a video");
+    check_medium(request);
     if (request.no_landmarks && !request.landmarks.empty()) throw Error("give landmarks or ask for none, not both");
 }
 
 std::vector<float> prepare_pixels(const Request& request) {
-    if (request.image.empty() == request.video.empty()) throw Error("give exactly one of an image or a video");
+    check_medium(request);
     if (!request.no_face_crop) throw Error("face detection needs the bundle's front-end graphs: add --no-face-crop");
     WholeImageFrontEnd whole;
     FaceOptions options;
     options.no_face_crop = true;
-    if (!request.image.empty()) return preprocess_image(whole.process_image(load_image(request.image), options, request.image).crop);
+    if (request.video.empty())
+        return preprocess_image(whole.process_image(image_of(request), options, request.image).crop);
     Video video = read_video(request.video);
     std::vector<Rgb> frames;
     for (const auto& crop : whole.process_video(video.frames, options, request.video)) frames.push_back(crop.crop);
@@ -109,7 +122,7 @@ std::vector<FaceCrop> crops_of(FrontEnd& front_end, const Request& request, bool
     options.no_face_crop = request.no_face_crop;
     options.landmarks = run_mesh;
     num_frames = 0;
-    if (!request.image.empty()) return {front_end.process_image(load_image(request.image), options, "the image")};
+    if (request.video.empty()) return {front_end.process_image(image_of(request), options, "the image")};
     Video video = read_video(request.video);
     num_frames = video.num_frames;
     for (std::size_t i = 0; i < video.frames.size(); ++i)
@@ -119,17 +132,19 @@ std::vector<FaceCrop> crops_of(FrontEnd& front_end, const Request& request, bool
 
 }  // namespace
 
-std::vector<FaceCrop> face_crops(const std::string& bundle, int min_face, const Request& request) {
-    if (request.image.empty() == request.video.empty()) throw Error("give exactly one of an image or a video");
+std::vector<FaceCrop> face_crops(const std::string& bundle, int min_face, const Request& request,
+                                 const std::string& device) {
+    check_medium(request);
     check_min_face(min_face);
     Bundle opened = Bundle::open(bundle);
-    GraphsFrontEnd front_end(opened, min_face);
+    GraphsFrontEnd front_end(opened, min_face, device);
     int num_frames = 0;
     return crops_of(front_end, request, !request.no_landmarks && request.landmarks.empty(), num_frames);
 }
 
 Runner::Runner(const std::string& bundle, const RunnerOptions& options)
-    : bundle_((check_min_face(options.min_face), Bundle::open(bundle))), min_face_(options.min_face) {
+    : bundle_((check_min_face(options.min_face), Bundle::open(bundle))), min_face_(options.min_face),
+      device_(options.device) {
     if (options.llm.n_ctx < 1) throw Error("n_ctx must be at least 1, got " + std::to_string(options.llm.n_ctx));
     std::map<std::string, std::string> types;
     for (const auto& name : bundle_.find("llm")) types[bundle_.files()[name]["type"].get<std::string>()] = name;
@@ -148,7 +163,13 @@ Runner::Runner(const std::string& bundle, const RunnerOptions& options)
         for (const auto& item : types) have += (have.empty() ? "" : ", ") + item.first;
         throw Error(bundle_.root().string() + " has no " + type + " GGUF (it has: " + have + ")");
     }
-    vision_ = std::make_unique<OnnxVision>(bundle_, options.vision_precision);
+    // runtime/vision.py's open_vision: TensorRT where this device has engines for the bundle, else ONNX Runtime
+    if (options.vision != "auto" && options.vision != "onnxruntime" && options.vision != "tensorrt")
+        throw Error("unknown vision backend '" + options.vision + "'; expected one of auto, onnxruntime, tensorrt");
+    if (options.vision == "tensorrt")
+        throw Error("this libfacellava was built without TensorRT (its CMake found no NvInfer.h and libnvinfer); "
+                    "rebuild with TensorRT installed (-DFACELLAVA_TENSORRT=ON), or give --vision onnxruntime");
+    vision_ = std::make_unique<OnnxVision>(bundle_, options.vision_precision, options.device);
     llm_ = std::make_unique<LlamaModel>(bundle_.path_of(types[type]).string(), options.llm);
 }
 
@@ -158,11 +179,11 @@ Answer Runner::ask(const std::string& question, const Request& request,
     auto start = Clock::now();
     bool run_mesh = !request.no_landmarks && request.landmarks.empty();
     // the bundle's front-end graphs for face detection or face-mesh landmarks (verified and opened once)
-    if ((!request.no_face_crop || run_mesh) && graphs_ == nullptr) graphs_ = std::make_unique<GraphsFrontEnd>(bundle_, min_face_);
+    if ((!request.no_face_crop || run_mesh) && graphs_ == nullptr) graphs_ = std::make_unique<GraphsFrontEnd>(bundle_, min_face_, device_);
     FrontEnd& front_end = (!request.no_face_crop || run_mesh) ? static_cast<FrontEnd&>(*graphs_) : whole_image_;
 
     Answer answer;
-    Modality modality = request.image.empty() ? Modality::video : Modality::image;
+    Modality modality = request.video.empty() ? Modality::image : Modality::video;
     answer.modality = modality_name(modality);
     int num_frames = 0;
     std::vector<FaceCrop> crops = crops_of(front_end, request, run_mesh, num_frames);

@@ -21,6 +21,8 @@ struct RunnerOptions {
     std::string llm_type;  // the GGUF type; empty: the most precise in the bundle
     std::string vision_precision = "fp32";
     int min_face = front_end::MIN_FACE_SIDE;  // the smallest face searched for, in pixels
+    std::string device = "auto";  // the ONNX graphs' execution providers: auto, cpu, cuda or tensorrt
+    std::string vision = "auto";  // the vision backend: auto, onnxruntime or tensorrt (runtime/vision.py's)
     LlmOptions llm;
 };
 
@@ -31,7 +33,8 @@ const tasks::Task& get_task(const std::string& name);
 void check_min_face(int min_face);
 
 struct Request {
-    std::string image, video;  // exactly one
+    std::string image, video;  // exactly one of these or a camera
+    std::optional<int> camera;  // one frame of this OpenCV camera
     std::string landmarks;     // an official-format .npy, or empty
     bool no_landmarks = false;
     bool no_face_crop = false;
@@ -65,7 +68,8 @@ std::vector<float> prepare_pixels(const Request& request);
 
 // The medium of a request (its image, or its video's 8 frames) through the bundle's front-end graphs: the crops,
 // landmarks (unless the request gives or refuses them) and face boxes. Throws Error.
-std::vector<FaceCrop> face_crops(const std::string& bundle, int min_face, const Request& request);
+std::vector<FaceCrop> face_crops(const std::string& bundle, int min_face, const Request& request,
+                                 const std::string& device = "auto");
 
 class Runner {
   public:
@@ -79,6 +83,7 @@ class Runner {
   private:
     Bundle bundle_;
     int min_face_;
+    std::string device_;
     std::unique_ptr<OnnxVision> vision_;
     std::unique_ptr<LlamaModel> llm_;
     std::unique_ptr<GraphsFrontEnd> graphs_;  // opened on the first request that needs them

@@ -59,7 +59,10 @@ std::string vision_file(const Bundle& bundle, Modality modality, const std::stri
 
 }  // namespace
 
-OnnxVision::OnnxVision(const Bundle& bundle, std::string precision) : bundle_(bundle), precision_(std::move(precision)) {}
+OnnxVision::OnnxVision(const Bundle& bundle, std::string precision, std::string device)
+    : bundle_(bundle), precision_(std::move(precision)), device_(std::move(device)) {
+    execution_providers(device_);  // an unknown or missing one refused before the LLM loads
+}
 
 OnnxVision::~OnnxVision() = default;
 
@@ -68,7 +71,7 @@ OnnxGraph& OnnxVision::graph(Modality modality, bool landmarks) {
     auto found = graphs_.find(key);
     if (found != graphs_.end()) return *found->second;
     auto graph = OnnxGraph::open(bundle_, vision_file(bundle_, modality, precision_, landmarks), 0,
-                                 "export the bundle again");
+                                 "export the bundle again", device_);
     // the graph's inputs and outputs against the contract (runtime/vision.py's check_vision_io)
     std::string variant = std::string("the contract's ") + modality_name(modality) + " vision graph " +
                           (landmarks ? "with" : "without") + " landmarks";

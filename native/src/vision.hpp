@@ -24,7 +24,8 @@ struct VisualTokens {
 
 class OnnxVision {
   public:
-    OnnxVision(const Bundle& bundle, std::string precision = "fp32");
+    // `device`: the execution providers (onnx_session.hpp's execution_providers), checked here
+    OnnxVision(const Bundle& bundle, std::string precision = "fp32", std::string device = "cpu");
     ~OnnxVision();
     OnnxVision(const OnnxVision&) = delete;
     OnnxVision& operator=(const OnnxVision&) = delete;
@@ -37,6 +38,7 @@ class OnnxVision {
     OnnxGraph& graph(Modality modality, bool landmarks);
     const Bundle& bundle_;
     std::string precision_;
+    std::string device_;
     std::map<std::pair<int, bool>, std::unique_ptr<OnnxGraph>> graphs_;
 };
 
