@@ -271,14 +271,15 @@ class Request(ctypes.Structure):  # facellava_request
     _fields_ = [("image", ctypes.c_char_p), ("video", ctypes.c_char_p), ("landmarks_npy", ctypes.c_char_p),
                 ("no_landmarks", ctypes.c_int), ("no_face_crop", ctypes.c_int), ("max_tokens", ctypes.c_int),
                 ("temperature", ctypes.c_float), ("top_p", ctypes.c_float), ("top_k", ctypes.c_int),
-                ("seed", ctypes.c_uint32), ("face_index", ctypes.c_int), ("task", ctypes.c_char_p)]
+                ("seed", ctypes.c_uint32), ("face_index", ctypes.c_int), ("task", ctypes.c_char_p),
+                ("camera", ctypes.c_int)]
 
 
 class Options(ctypes.Structure):  # facellava_options
     _fields_ = [("llm_type", ctypes.c_char_p), ("vision_precision", ctypes.c_char_p), ("n_ctx", ctypes.c_int),
                 ("n_threads", ctypes.c_int), ("n_threads_batch", ctypes.c_int), ("poll", ctypes.c_int),
                 ("kv_cache_f32", ctypes.c_int), ("flash_attn", ctypes.c_int), ("n_gpu_layers", ctypes.c_int),
-                ("min_face", ctypes.c_int)]
+                ("min_face", ctypes.c_int), ("device", ctypes.c_char_p), ("vision", ctypes.c_char_p)]
 
 
 class Face(ctypes.Structure):  # facellava_face
@@ -303,6 +304,7 @@ def library(native) -> ctypes.CDLL:
     lib.facellava_front_end.argtypes = [ctypes.c_char_p, ctypes.POINTER(Options), ctypes.POINTER(Request),
                                         ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_char_p)]
     lib.facellava_free_faces.argtypes = [ctypes.POINTER(Face), ctypes.c_size_t]
+    lib.facellava_files_hashed.restype = ctypes.c_ulong
     return lib
 
 
@@ -335,6 +337,29 @@ def test_native_image_pixels_are_the_python_pixels_bit_for_bit(library, tmp_path
     ours = native_pixels(library, image=path)
     assert ours.shape == (3 * 224 * 224,)
     assert np.array_equal(ours, expected.ravel())  # Pillow's float bicubic, reproduced to the bit
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_native_16_bit_pixels_are_the_python_pixels(library, tmp_path, channels):
+    # Pillow reads 16-bit grey as rint(level / 257) and 16-bit colour by its high bytes; the levels' low bytes are
+    # chosen so that OpenCV's own 16 -> 8 bit scaling (>> 8) gives other grey pixels
+    import cv2
+
+    from facellava.runtime.face import load_image
+    from facellava.runtime.preprocess import expand2square, preprocess_image
+
+    photo = cv2.resize(cv2.imread(str(FACE_PHOTO)), (300, 240), interpolation=cv2.INTER_AREA)
+    eight = cv2.cvtColor(photo, cv2.COLOR_BGR2GRAY) if channels == 1 else photo
+    levels = eight.astype(np.uint16) * 256 + 200
+    path = tmp_path / "deep.png"
+    cv2.imwrite(str(path), levels)
+    expected = preprocess_image(expand2square(load_image(path))).ravel()
+    ours = native_pixels(library, image=path)
+    assert np.array_equal(ours, expected)
+    if channels == 1:  # the scaling matters: OpenCV's would differ
+        high = tmp_path / "high.png"
+        cv2.imwrite(str(high), eight)
+        assert not np.array_equal(native_pixels(library, image=high), expected)
 
 
 def test_native_video_pixels_match_within_the_opencv_builds_difference(library, clip):
@@ -574,3 +599,114 @@ def test_tampered_front_end_graph(native, copied_bundle):
         handle.seek(-3, os.SEEK_END)
         handle.write(bytes([byte[0] ^ 1]))
     assert_one_line_error(ask(copied_bundle, "--image", FACE_PHOTO), "face_mesh.onnx", "sha256")
+
+
+# --- execution providers, camera, priority ----------------------------------------------------------------------
+
+
+def test_devices_as_the_python_runtime_chooses_them(native, tiny_bundle):
+    import onnxruntime
+
+    available = onnxruntime.get_available_providers()
+    base = [tiny_bundle, "--image", FACE_PHOTO, "--no-face-crop", "--no-landmarks", "--max-tokens", 3, "--json"]
+    answers = {}
+    for device in ("auto", "cpu"):
+        result = run_native(*base, "--device", device, QUESTION)
+        assert result.returncode == 0, result.stderr
+        answers[device] = json.loads(result.stdout)["tokens"]
+    assert answers["auto"] == answers["cpu"] and len(answers["cpu"]) == 3
+    for device, provider in (("cuda", "CUDAExecutionProvider"), ("tensorrt", "TensorrtExecutionProvider")):
+        if provider in available:
+            continue  # a GPU build of ONNX Runtime: the device is there
+        result = run_native(*base, "--device", device, QUESTION)
+        assert result.returncode == 1
+        assert_one_line_error(result, f"onnxruntime {onnxruntime.__version__} has no {provider}",
+                              "CPUExecutionProvider", "install onnxruntime-gpu")
+    assert_one_line_error(run_native(*base, "--device", "npu", QUESTION), "invalid choice: 'npu'")
+    build = (BUILD / "CMakeCache.txt").read_text() if (BUILD / "CMakeCache.txt").is_file() else ""
+    if "FACELLAVA_HAVE_TENSORRT:INTERNAL=1" not in build:
+        assert_one_line_error(run_native(*base, "--vision", "tensorrt", QUESTION), "built without TensorRT",
+                              "--vision onnxruntime")
+
+
+@pytest.mark.skipif(Path("/dev/video0").exists(), reason="a camera is attached: its error path cannot be reached")
+def test_a_missing_camera_is_one_line(native, tiny_bundle):
+    result = run_native(tiny_bundle, "--camera", 0, "--no-face-crop", "--no-landmarks", "--max-tokens", 2, QUESTION)
+    assert result.returncode == 1
+    assert_one_line_error(result, "camera 0 cannot be opened or gives no frame")
+    assert_one_line_error(run_native(tiny_bundle, "--camera", 0, "--image", FACE_PHOTO, QUESTION), "only one of")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="raising a priority needs root (or CAP_SYS_NICE)")
+def test_priority_reaches_every_thread_and_a_refused_one_is_one_line(native, tiny_bundle, clip, tmp_path):
+    # as runtime/llm.py's set_priority (tests/test_threads.py): the threads started later inherit it
+    import time
+
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}  # no re-exec: the process is the one watched
+    process = subprocess.Popen([str(CLI), tiny_bundle, "--video", clip, "--no-face-crop", "--no-landmarks",
+                                "--max-tokens", "8", "--priority", "high", QUESTION], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    widest: dict[int, int] = {}
+    while process.poll() is None:
+        try:
+            nices = {int(t): os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir(f"/proc/{process.pid}/task")}
+        except (FileNotFoundError, ProcessLookupError):
+            break
+        if len(nices) > len(widest):
+            widest = nices
+        time.sleep(0.01)
+    assert process.wait(timeout=600) == 0, process.stderr.read()
+    assert len(widest) >= 2 and set(widest.values()) == {-10}, widest
+    # another user may not raise it: one line before the bundle is opened (none here), as `facellava run`
+    drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", str(CLI)]
+    refused = subprocess.run([*drop, tmp_path / "no-bundle", "--image", "x.jpg", "--priority", "high", "Q?"],
+                             capture_output=True, text=True, timeout=120)
+    if "error while loading shared libraries" in refused.stderr:
+        pytest.skip("user nobody cannot load the build's libraries here")
+    assert refused.returncode == 1
+    assert_one_line_error(refused, "priority high (nice -10) needs root or CAP_SYS_NICE")
+
+
+# --- the verified cache ------------------------------------------------------------------------------------------
+
+
+def test_the_verified_cache_is_shared_with_python_and_a_changed_file_is_hashed_again(library, copied_bundle):
+    import time
+
+    from facellava.bundle import VERIFIED_CACHE, Bundle, _VerifiedCache
+    from facellava.runtime.face_graphs import FRONT_END_FILES
+
+    graphs = sorted(FRONT_END_FILES.values())
+
+    def front_end() -> tuple[int, float]:
+        before, start = library.facellava_files_hashed(), time.perf_counter()
+        native_faces(library, copied_bundle, image=FACE_PHOTO)
+        return library.facellava_files_hashed() - before, time.perf_counter() - start
+
+    first, first_s = front_end()
+    assert first == 3 and (copied_bundle / VERIFIED_CACHE).is_file()  # the three graphs, hashed once
+    python_cache = _VerifiedCache(Bundle.open(copied_bundle).path)  # written in the Python runtime's format
+    assert sorted(python_cache.entries) == graphs
+    second, second_s = front_end()
+    assert second == 0
+    print(f"front end on a fresh bundle: {first_s * 1000:.0f} ms hashing 3 graphs, then {second_s * 1000:.0f} ms")
+    # the Python runtime's cache is read too: every file it verified is not hashed again
+    (copied_bundle / VERIFIED_CACHE).unlink()
+    Bundle.open(copied_bundle).verify_all()
+    assert front_end()[0] == 0
+    # a file changed after it was verified (same size, a new ctime) is hashed again and refused
+    with open(copied_bundle / "face_mesh.onnx", "r+b") as handle:
+        handle.seek(-3, os.SEEK_END)
+        byte = handle.read(1)
+        handle.seek(-3, os.SEEK_END)
+        handle.write(bytes([byte[0] ^ 1]))
+    before = library.facellava_files_hashed()
+    count, error = ctypes.c_size_t(), ctypes.c_char_p()
+    request = Request()
+    library.facellava_request_default(ctypes.byref(request))
+    request.image = str(FACE_PHOTO).encode()
+    assert not library.facellava_front_end(str(copied_bundle).encode(), None, ctypes.byref(request),
+                                           ctypes.byref(count), ctypes.byref(error))
+    assert b"face_mesh.onnx does not match its manifest sha256" in error.value
+    assert library.facellava_files_hashed() - before == 1
+    library.facellava_free(ctypes.cast(error, ctypes.c_void_p))

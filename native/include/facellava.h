@@ -117,6 +117,11 @@ FACELLAVA_EXPORT void facellava_free_faces(facellava_face* faces, size_t count);
  * official question and the max_tokens its longest answer fits in (each may be NULL), or 0 for an unknown name. */
 FACELLAVA_EXPORT int facellava_task(const char* name, const char** question, int* max_tokens);
 
+/* How many bundle files this process has hashed (sha256) so far. A bundle's files are hashed once and remembered in
+ * the Python runtime's verified cache (.verified.json in a bundle this user owns and may write, else the user's cache
+ * directory), so a later start hashes only the files changed since (a new size, mtime or ctime). */
+FACELLAVA_EXPORT unsigned long facellava_files_hashed(void);
+
 FACELLAVA_EXPORT void facellava_close(facellava_runner* runner);
 FACELLAVA_EXPORT void facellava_free(void* memory);
 FACELLAVA_EXPORT const char* facellava_version(void);

@@ -6,6 +6,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -26,6 +28,7 @@ namespace facellava {
 namespace {
 
 constexpr const char* JOURNAL = ".commit.json";
+constexpr const char* VERIFIED_CACHE = ".verified.json";  // bundle.py's, its format too
 constexpr std::size_t MAX_MANIFEST_BYTES = std::size_t{64} << 20;
 // the manifest's vocabularies, generated from facellava/bundle.py
 const std::set<std::string> FILE_KINDS(std::begin(contract::FILE_KINDS), std::end(contract::FILE_KINDS));
@@ -436,6 +439,92 @@ std::vector<std::string> Bundle::find(const std::string& kind, const json& wante
     return names;
 }
 
+namespace {
+
+std::atomic<unsigned long> hashed{0};
+
+std::string hex_sha256(const std::string& text) {
+    unsigned char digest[EVP_MAX_MD_SIZE];
+    unsigned int size = 0;
+    EVP_Digest(text.data(), text.size(), digest, &size, EVP_sha256(), nullptr);
+    static const char* HEX = "0123456789abcdef";
+    std::string out;
+    for (unsigned int i = 0; i < size; ++i) out += {HEX[digest[i] >> 4], HEX[digest[i] & 15]};
+    return out;
+}
+
+json stat_key(const struct stat& st, const std::string& sha256) {
+    auto ns = [](const timespec& t) { return static_cast<std::int64_t>(t.tv_sec) * 1000000000 + t.tv_nsec; };
+    return json::array({static_cast<std::uint64_t>(st.st_dev), static_cast<std::uint64_t>(st.st_ino),
+                        static_cast<std::int64_t>(st.st_size), ns(st.st_mtim), ns(st.st_ctim), sha256});
+}
+
+}  // namespace
+
+unsigned long files_hashed() { return hashed.load(); }
+
+class VerifiedCache {
+  public:
+    explicit VerifiedCache(fs::path root) : root_(std::move(root)) {
+        struct stat st {};
+        bool owned = ::stat(root_.c_str(), &st) == 0 && st.st_uid == ::geteuid() && ::access(root_.c_str(), W_OK) == 0;
+        path_ = owned ? root_ / VERIFIED_CACHE : in_user_cache();
+        load();
+    }
+    bool known(const std::string& name, const struct stat& st, const std::string& sha256) const {
+        return entries_.contains(name) && entries_[name] == stat_key(st, sha256);
+    }
+    void remember(const std::string& name, const struct stat& st, const std::string& sha256) {
+        entries_[name] = stat_key(st, sha256);
+        while (!path_.empty()) {
+            if (write(path_)) return;
+            // a read-only bundle: the user's cache instead; a read-only cache: memory only
+            path_ = path_.parent_path() == root_ ? in_user_cache() : fs::path();
+        }
+    }
+
+  private:
+    fs::path in_user_cache() const { return user_cache_dir() / "verified" / (hex_sha256(root_.string()).substr(0, 32) + ".json"); }
+
+    void load() {
+        int fd = ::open(path_.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+        if (fd < 0) return;
+        std::string raw;
+        char buffer[65536];
+        ssize_t got = 0;
+        while (raw.size() < MAX_MANIFEST_BYTES && (got = ::read(fd, buffer, sizeof buffer)) > 0)
+            raw.append(buffer, static_cast<std::size_t>(got));
+        ::close(fd);
+        raw.resize(std::min(raw.size(), MAX_MANIFEST_BYTES));
+        json data = json::parse(raw, nullptr, false);
+        if (!data.is_discarded() && data.is_object()) entries_ = std::move(data);
+    }
+
+    // atomic_file's way: a temporary name beside it, flushed, renamed into place; false when it cannot be written
+    bool write(const fs::path& path) const {
+        std::error_code ignored;
+        fs::create_directories(path.parent_path(), ignored);
+        std::string temp = (path.parent_path() / ("." + path.filename().string() + ".XXXXXX.partial")).string();
+        int fd = ::mkstemps(temp.data(), 8);
+        if (fd < 0) return false;
+        std::string text = entries_.dump();
+        bool ok = ::fchmod(fd, 0644) == 0;
+        for (std::size_t done = 0; ok && done < text.size();) {
+            ssize_t n = ::write(fd, text.data() + done, text.size() - done);
+            ok = n > 0;
+            done += ok ? static_cast<std::size_t>(n) : 0;
+        }
+        ok = ::fsync(fd) == 0 && ok;
+        ok = ::close(fd) == 0 && ok;
+        ok = ok && ::rename(temp.c_str(), path.c_str()) == 0;
+        if (!ok) ::unlink(temp.c_str());
+        return ok;
+    }
+
+    fs::path root_, path_;
+    json entries_ = json::object();
+};
+
 fs::path user_cache_dir() {
     const char* own = std::getenv("FACELLAVA_CACHE");
     if (own != nullptr && *own != '\0') return own;
@@ -460,10 +549,15 @@ fs::path Bundle::verify(const std::string& name) const {
         throw Error("bundle file " + name + " has " + std::to_string(st.st_size) + " bytes, its manifest says " +
                     std::to_string(declared) + ": the bundle was altered or damaged; export it again");
     }
-    if (file_sha256(path) != entry["sha256"].get<std::string>()) {
+    const std::string sha256 = entry["sha256"].get<std::string>();
+    if (cache_ == nullptr) cache_ = std::make_shared<VerifiedCache>(root_);
+    if (cache_->known(name, st, sha256)) return path;
+    ++hashed;
+    if (file_sha256(path) != sha256) {
         throw Error("bundle file " + name + " does not match its manifest sha256: the bundle was altered or damaged; "
                     "export it again");
     }
+    cache_->remember(name, st, sha256);
     return path;
 }
 

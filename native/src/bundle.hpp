@@ -6,6 +6,7 @@
 #pragma once
 #include <filesystem>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -27,6 +28,16 @@ std::vector<std::string> onnx_external_data(const std::filesystem::path& path);
 // else ~/.cache/facellava.
 std::filesystem::path user_cache_dir();
 
+// How many bundle files this process has hashed (sha256): the verified cache spares the ones known unchanged.
+unsigned long files_hashed();
+
+// Which files were already hashed, as bundle.py's _VerifiedCache and in its format ({name: [st_dev, st_ino,
+// st_size, st_mtime_ns, st_ctime_ns, sha256]}): `.verified.json` in a bundle this user owns and may write, else a
+// file per bundle in the user's cache directory (verified/<sha256 of the bundle's path, 32 hex>.json), else memory
+// only. A file is known when every stat field matches: ctime cannot be set by a user and changes with every write
+// or rename, so a changed file is hashed again.
+class VerifiedCache;
+
 class Bundle {
   public:
     // Open a bundle directory: its manifest read and checked, its contract compared with this build's.
@@ -45,6 +56,7 @@ class Bundle {
     Bundle(std::filesystem::path root, nlohmann::json manifest) : root_(std::move(root)), manifest_(std::move(manifest)) {}
     std::filesystem::path root_;
     nlohmann::json manifest_;
+    mutable std::shared_ptr<VerifiedCache> cache_;  // read on the first verify
 };
 
 // The manifest's checks (bundle.py's Manifest.from_json), exposed for the unit test; throws Error naming the first

@@ -3,6 +3,7 @@
 
 #include "errors.hpp"
 #include "facellava.h"
+#include "bundle.hpp"
 #include "pyjson.hpp"
 #include "runner.hpp"
 
@@ -183,6 +184,7 @@ int facellava_task(const char* name, const char** question, int* max_tokens) {
     return 0;
 }
 
+unsigned long facellava_files_hashed(void) { return facellava::files_hashed(); }
 void facellava_close(facellava_runner* runner) { delete runner; }
 void facellava_free(void* memory) { std::free(memory); }
 const char* facellava_version(void) { return "facellava-native 0.1"; }
