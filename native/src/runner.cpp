@@ -6,6 +6,9 @@
 
 #include "contract_generated.hpp"
 #include "errors.hpp"
+#ifdef FACELLAVA_HAVE_TENSORRT
+#include "tensorrt_vision.hpp"
+#endif
 
 namespace facellava {
 
@@ -166,10 +169,22 @@ Runner::Runner(const std::string& bundle, const RunnerOptions& options)
     // runtime/vision.py's open_vision: TensorRT where this device has engines for the bundle, else ONNX Runtime
     if (options.vision != "auto" && options.vision != "onnxruntime" && options.vision != "tensorrt")
         throw Error("unknown vision backend '" + options.vision + "'; expected one of auto, onnxruntime, tensorrt");
+#ifdef FACELLAVA_HAVE_TENSORRT
+    if (options.vision != "onnxruntime") {
+        auto engines = tensorrt_engines_here(bundle_, options.vision_precision);
+        if (!engines.empty()) {
+            vision_ = std::make_unique<TensorRtVision>(bundle_, options.vision_precision, std::move(engines));
+        } else if (options.vision == "tensorrt") {
+            throw Error("no " + options.vision_precision + " TensorRT engines for this device in " +
+                        bundle_.root().string() + "; build them with `facellava build-engine BUNDLE`");
+        }
+    }
+#else
     if (options.vision == "tensorrt")
         throw Error("this libfacellava was built without TensorRT (its CMake found no NvInfer.h and libnvinfer); "
                     "rebuild with TensorRT installed (-DFACELLAVA_TENSORRT=ON), or give --vision onnxruntime");
-    vision_ = std::make_unique<OnnxVision>(bundle_, options.vision_precision, options.device);
+#endif
+    if (vision_ == nullptr) vision_ = std::make_unique<OnnxVision>(bundle_, options.vision_precision, options.device);
     llm_ = std::make_unique<LlamaModel>(bundle_.path_of(types[type]).string(), options.llm);
 }
 

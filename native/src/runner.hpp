@@ -84,7 +84,7 @@ class Runner {
     Bundle bundle_;
     int min_face_;
     std::string device_;
-    std::unique_ptr<OnnxVision> vision_;
+    std::unique_ptr<VisionBackend> vision_;
     std::unique_ptr<LlamaModel> llm_;
     std::unique_ptr<GraphsFrontEnd> graphs_;  // opened on the first request that needs them
     WholeImageFrontEnd whole_image_;

@@ -22,17 +22,27 @@ struct VisualTokens {
     const float* block(int i) const { return values.data() + static_cast<std::size_t>(i) * tokens * width; }
 };
 
-class OnnxVision {
+// A vision backend: visual tokens of the preprocessed pixels (runtime/vision.py's VisionBackend).
+class VisionBackend {
+  public:
+    virtual ~VisionBackend() = default;
+    // pixel values [1,3,224,224] or [1,3,8,224,224]; landmarks [1,68,2] or [1,8,68,2] (crop pixels / 256), or none
+    virtual VisualTokens encode(Modality modality, const std::vector<float>& pixel_values,
+                                const std::vector<float>* landmarks) = 0;
+    virtual const char* name() const = 0;
+};
+
+class OnnxVision : public VisionBackend {
   public:
     // `device`: the execution providers (onnx_session.hpp's execution_providers), checked here
     OnnxVision(const Bundle& bundle, std::string precision = "fp32", std::string device = "cpu");
-    ~OnnxVision();
+    ~OnnxVision() override;
     OnnxVision(const OnnxVision&) = delete;
     OnnxVision& operator=(const OnnxVision&) = delete;
 
-    // pixel values [1,3,224,224] or [1,3,8,224,224]; landmarks [1,68,2] or [1,8,68,2] (crop pixels / 256), or none
-    VisualTokens encode(Modality modality, const std::vector<float>& pixel_values, const std::vector<float>* landmarks);
-    const char* name() const { return "onnxruntime"; }
+    VisualTokens encode(Modality modality, const std::vector<float>& pixel_values,
+                        const std::vector<float>* landmarks) override;
+    const char* name() const override { return "onnxruntime"; }
 
   private:
     OnnxGraph& graph(Modality modality, bool landmarks);
