@@ -710,3 +710,40 @@ def test_the_verified_cache_is_shared_with_python_and_a_changed_file_is_hashed_a
     assert b"face_mesh.onnx does not match its manifest sha256" in error.value
     assert library.facellava_files_hashed() - before == 1
     library.facellava_free(ctypes.cast(error, ctypes.c_void_p))
+
+
+def _native_tensorrt_missing() -> str | None:
+    """Why the native TensorRT vision backend cannot be checked here, or None."""
+    from facellava.errors import FaceLlavaError
+
+    cache = BUILD / "CMakeCache.txt"
+    if not cache.is_file() or "FACELLAVA_HAVE_TENSORRT:INTERNAL=1" not in cache.read_text():
+        return f"{BUILD} was built without TensorRT (native/build.sh {BUILD} -DFACELLAVA_TENSORRT=ON on a GPU machine)"
+    try:
+        from facellava.runtime.tensorrt_runner import gpu_info, import_tensorrt
+
+        import_tensorrt()
+        gpu_info(0)
+    except (ImportError, FaceLlavaError) as error:
+        return f"TensorRT cannot run here: {error}"
+    return None
+
+
+@pytest.mark.skipif(_native_tensorrt_missing() is not None, reason=str(_native_tensorrt_missing()))
+def test_native_tensorrt_engine_vision_answers_as_python(native, tiny_bundle, tmp_path):
+    """On a GPU: the vision graph on the bundle's TensorRT engines (`facellava build-engine`) in both runtimes;
+    their tokens agree with each other (the engines' own numbers, greedy)."""
+    from facellava.export.tensorrt import build_engines
+
+    bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
+    build_engines(bundle, precisions="fp32", front_end=False, progress=False)
+    for medium in (["--image", FACE_PHOTO], ["--video", write_video(tmp_path / "clip.mp4", 16)]):
+        args = [bundle, *medium, "--no-face-crop", "--no-landmarks", "--max-tokens", 8, "--json", *EXACT,
+                "--vision", "tensorrt", QUESTION]
+        python = subprocess.run([sys.executable, "-m", "facellava", "run", *map(str, args)], capture_output=True,
+                                text=True, timeout=600)
+        ours = run_native(*args)
+        assert python.returncode == 0 and ours.returncode == 0, (python.stderr, ours.stderr)
+        python_json, our_json = json.loads(python.stdout), json.loads(ours.stdout)
+        assert our_json["vision_backend"] == python_json["vision_backend"] == "tensorrt"
+        assert our_json["tokens"] == python_json["tokens"]
