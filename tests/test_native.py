@@ -504,12 +504,17 @@ def test_missing_bundle(native, tmp_path):
                           "does not exist")
 
 
-def test_tampered_files(native, copied_bundle):
-    with open(copied_bundle / "llm-f32.gguf", "r+b") as handle:
-        handle.seek(-5, os.SEEK_END)
+def flip_bit(path: Path, from_end: int) -> None:
+    """Tamper with a file: flip the lowest bit of the byte `from_end` bytes before its end."""
+    with open(path, "r+b") as handle:
+        handle.seek(-from_end, os.SEEK_END)
         byte = handle.read(1)
-        handle.seek(-5, os.SEEK_END)
+        handle.seek(-from_end, os.SEEK_END)
         handle.write(bytes([byte[0] ^ 1]))
+
+
+def test_tampered_files(native, copied_bundle):
+    flip_bit(copied_bundle / "llm-f32.gguf", 5)
     assert_one_line_error(ask(copied_bundle, "--image", FACE_PHOTO, "--no-face-crop", "--no-landmarks"),
                           "llm-f32.gguf", "sha256")
 
@@ -593,11 +598,7 @@ def test_a_bundle_without_the_front_end_graphs(native, copied_bundle):
 
 
 def test_tampered_front_end_graph(native, copied_bundle):
-    with open(copied_bundle / "face_mesh.onnx", "r+b") as handle:
-        handle.seek(-3, os.SEEK_END)
-        byte = handle.read(1)
-        handle.seek(-3, os.SEEK_END)
-        handle.write(bytes([byte[0] ^ 1]))
+    flip_bit(copied_bundle / "face_mesh.onnx", 3)
     assert_one_line_error(ask(copied_bundle, "--image", FACE_PHOTO), "face_mesh.onnx", "sha256")
 
 
@@ -695,11 +696,7 @@ def test_the_verified_cache_is_shared_with_python_and_a_changed_file_is_hashed_a
     Bundle.open(copied_bundle).verify_all()
     assert front_end()[0] == 0
     # a file changed after it was verified (same size, a new ctime) is hashed again and refused
-    with open(copied_bundle / "face_mesh.onnx", "r+b") as handle:
-        handle.seek(-3, os.SEEK_END)
-        byte = handle.read(1)
-        handle.seek(-3, os.SEEK_END)
-        handle.write(bytes([byte[0] ^ 1]))
+    flip_bit(copied_bundle / "face_mesh.onnx", 3)
     before = library.facellava_files_hashed()
     count, error = ctypes.c_size_t(), ctypes.c_char_p()
     request = Request()
