@@ -49,7 +49,11 @@ def execution_providers(device: str = "auto", cache_dir: str | Path | None = Non
             from facellava.bundle import user_cache_dir
 
             cache = str(Path(cache_dir) if cache_dir is not None else user_cache_dir() / TENSORRT_CACHE)
-            Path(cache).mkdir(parents=True, exist_ok=True)
+            try:
+                Path(cache).mkdir(parents=True, exist_ok=True)
+            except OSError:  # a read-only home: the provider builds its engines at every start, as before
+                providers.append(name)
+                continue
             providers.append((name, {"trt_engine_cache_enable": True, "trt_engine_cache_path": cache,
                                      "trt_timing_cache_enable": True, "trt_timing_cache_path": cache}))
         else:
