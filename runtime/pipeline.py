@@ -181,8 +181,8 @@ class Pipeline:
     @property
     def front_end(self) -> face.FaceFrontEnd:
         if self._front_end is None:
-            # the front end follows the vision backend: TensorRT engines where the vision graph runs on them, the
-            # CPU where it does (the torch reference included), else ONNX Runtime's best provider
+            # the front end follows the vision backend: its TensorRT engines (else ONNX Runtime) beside TensorRT
+            # vision, ONNX Runtime's best provider beside ONNX Runtime vision, the CPU beside the torch reference
             device = {"tensorrt": "auto", "onnxruntime": "onnxruntime"}.get(self.vision.name, "cpu")
             self._front_end = face.FaceFrontEnd.from_bundle(self.bundle, self.front_end_choice, device,
                                                             min_face_side=self.min_face)
