@@ -112,6 +112,12 @@ def build_engine(onnx_path: Path, engine_path: Path, *, max_batch: int, opt_batc
             "workspace_bytes": workspace_bytes, "build_seconds": round(seconds, 3)}
 
 
+def _write_details(writer: BundleWriter, rel: str, entry: dict[str, Any]) -> None:
+    """`<engine>.json` beside an engine: its manifest entry without the kind (TensorRT, GPU, source and its hash)."""
+    writer.stage(f"{rel}.json").write_text(json.dumps({k: v for k, v in entry.items() if k != "kind"}, indent=2)
+                                           + "\n")
+
+
 def _limits(entry: dict[str, Any]) -> dict[str, float]:
     """An INT8 graph's own target cosine; the precision's limits for the others."""
     if entry["precision"] != "int8":
@@ -187,8 +193,7 @@ def _build_into(writer: BundleWriter, modalities: Sequence[str], precisions: Seq
             "landmarks": source["landmarks"], "inputs": source["inputs"], "outputs": source["outputs"],
             "source": name, "source_onnx_sha256": source["sha256"], "gpu": gpu.name,
             "compute_capability": gpu.compute_capability, **details}
-        writer.stage(f"{rel}.json").write_text(json.dumps(
-            {k: v for k, v in entries[rel].items() if k != "kind"}, indent=2) + "\n")
+        _write_details(writer, rel, entries[rel])
     if front_end and has_front_end_graphs(writer.bundle):
         _build_front_end(writer, folder, gpu, staged_cache, int(workspace_gb * (1 << 30)), seed, entries, records,
                          progress)
@@ -256,7 +261,6 @@ def _build_front_end(writer: BundleWriter, folder: str, gpu: GpuInfo, timing_cac
             entries[rel] = {"kind": FRONT_END_ENGINE_KIND, "model": source.get("model", model), "source": name,
                             "source_onnx_sha256": source["sha256"], "gpu": gpu.name,
                             "compute_capability": gpu.compute_capability, **details}
-            writer.stage(f"{rel}.json").write_text(json.dumps(
-                {k: v for k, v in entries[rel].items() if k != "kind"}, indent=2) + "\n")
+            _write_details(writer, rel, entries[rel])
     finally:
         reference.close()
