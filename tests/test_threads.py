@@ -41,7 +41,10 @@ if sys.argv[1] == "nobody":
     os.setgroups([]); os.setgid(65534); os.setuid(65534)
 elif sys.argv[1] == "already-higher":  # every thread the interpreter has (BLAS's, ...), as `Nice=` would
     for tid in os.listdir("/proc/self/task"):
-        os.setpriority(os.PRIO_PROCESS, int(tid), -15)
+        try:
+            os.setpriority(os.PRIO_PROCESS, int(tid), -15)
+        except ProcessLookupError:  # a thread that ended meanwhile
+            pass
 before = threading.Thread(target=threading.Event().wait, daemon=True)  # a thread that exists before
 before.start()
 try:
@@ -52,7 +55,12 @@ except FaceLlavaError as error:
 after = {}
 later = threading.Thread(target=lambda: after.update(nice=os.getpriority(os.PRIO_PROCESS, 0)))
 later.start(); later.join()
-nices = [os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in os.listdir("/proc/self/task")]
+nices = []
+for tid in os.listdir("/proc/self/task"):
+    try:
+        nices.append(os.getpriority(os.PRIO_PROCESS, int(tid)))
+    except ProcessLookupError:  # a thread that ended between the listing and the reading (`later`, just joined)
+        pass
 print(json.dumps({"threads": nices, "started_after": after["nice"]}))
 """
 
