@@ -171,18 +171,20 @@ Runner::Runner(const std::string& bundle, const RunnerOptions& options)
         throw Error("unknown vision backend '" + options.vision + "'; expected one of auto, onnxruntime, tensorrt");
 #ifdef FACELLAVA_HAVE_TENSORRT
     if (options.vision != "onnxruntime") {
-        auto engines = tensorrt_engines_here(bundle_, options.vision_precision);
+        std::string why;
+        auto engines = tensorrt_engines_here(bundle_, options.vision_precision, &why);
         if (!engines.empty()) {
             vision_ = std::make_unique<TensorRtVision>(bundle_, options.vision_precision, std::move(engines));
         } else if (options.vision == "tensorrt") {
             throw Error("no " + options.vision_precision + " TensorRT engines for this device in " +
-                        bundle_.root().string() + "; build them with `facellava build-engine BUNDLE`");
+                        bundle_.root().string() + ": " + why);
         }
     }
 #else
     if (options.vision == "tensorrt")
-        throw Error("this libfacellava was built without TensorRT (its CMake found no NvInfer.h and libnvinfer); "
-                    "rebuild with TensorRT installed (-DFACELLAVA_TENSORRT=ON), or give --vision onnxruntime");
+        throw Error("this libfacellava was built without TensorRT (its CMake found no NvInferRuntime.h and "
+                    "libnvinfer); rebuild with TensorRT installed (-DFACELLAVA_TENSORRT=ON), or give --vision "
+                    "onnxruntime");
 #endif
     if (vision_ == nullptr) vision_ = std::make_unique<OnnxVision>(bundle_, options.vision_precision, options.device);
     llm_ = std::make_unique<LlamaModel>(bundle_.path_of(types[type]).string(), options.llm);
