@@ -9,6 +9,7 @@ from pathlib import Path
 
 from facellava.errors import FaceLlavaError
 from facellava.model.cli import tower_arguments
+from facellava.runtime.ort_providers import DEVICES
 
 MAX_TOKENS_DEFAULT = 256
 
@@ -53,6 +54,10 @@ def pipeline_arguments(parser: argparse.ArgumentParser, torch: bool = False, pri
     parser.add_argument("--front-end", choices=["auto", "graphs", "mediapipe"], default="auto",
                         help="the face front end: the bundle's ONNX graphs (export front-end) or MediaPipe (default "
                              "auto: the graphs when the bundle has them)")
+    parser.add_argument("--device", choices=DEVICES, default="auto",
+                        help="ONNX Runtime's execution providers for the ONNX graphs (vision and face front end): "
+                             "auto (default: the best installed; TensorRT keeps its engines in the user's cache "
+                             "directory), cpu, cuda or tensorrt (insisting)")
     parser.add_argument("--vision-precision", default="fp32",
                         help="fp32, fp16 (export vision) or int8 (calibrate vision)")
     parser.add_argument("--n-gpu-layers", type=int, default=0, help="LLM layers offloaded to the GPU (-1: all)")
@@ -95,7 +100,7 @@ def open_pipeline(args: argparse.Namespace):
                          n_ctx=args.n_ctx, vision_precision=args.vision_precision, kv_type=args.kv_cache,
                          flash_attn={"auto": None, "on": True, "off": False}[args.flash_attn],
                          n_threads=args.threads, n_threads_batch=args.threads_batch, poll=args.poll,
-                         front_end=args.front_end,
+                         front_end=args.front_end, device=args.device,
                          **({} if args.min_face is None else {"min_face": args.min_face}), **torch)
 
 

@@ -543,13 +543,14 @@ class FaceFrontEnd:
         self.backend = "graphs" if graphs is not None else "mediapipe"
 
     @classmethod
-    def from_bundle(cls, bundle: Bundle, front_end: str = "auto", device: str = "auto",
+    def from_bundle(cls, bundle: Bundle, front_end: str = "auto", device: str = "auto", ort_device: str = "auto",
                     **options: Any) -> FaceFrontEnd:
         """The front end for a bundle: `front_end` "graphs" runs the bundle's front-end graphs on `device`
-        (`FrontEndGraphs.from_bundle`: their TensorRT engines where built for this GPU, else ONNX Runtime on the
-        best provider installed; "cpu" for the CPU alone), "mediapipe" runs MediaPipe, "auto" the graphs when the
-        bundle has them and MediaPipe otherwise. `options` go to the constructor. Raises FaceLlavaError for an
-        unknown choice, graphs asked for that the bundle lacks, or neither graphs nor MediaPipe available."""
+        (`FrontEndGraphs.from_bundle`: their TensorRT engines where built for this GPU, else ONNX Runtime on
+        `ort_device`, default the best provider installed; "cpu" for the CPU alone), "mediapipe" runs MediaPipe,
+        "auto" the graphs when the bundle has them and MediaPipe otherwise. `options` go to the constructor. Raises
+        FaceLlavaError for an unknown choice, graphs asked for that the bundle lacks, or neither graphs nor
+        MediaPipe available."""
         if front_end not in FRONT_ENDS:
             raise FaceLlavaError(f"unknown front end {front_end!r}; choose from {', '.join(FRONT_ENDS)}")
         has_graphs = has_front_end_graphs(bundle)
@@ -558,7 +559,7 @@ class FaceFrontEnd:
                                  "--bundle DIR`, or use --front-end mediapipe")
         if front_end == "mediapipe" or not has_graphs:
             return cls(**options)
-        return cls(graphs=FrontEndGraphs.from_bundle(bundle, device), **options)
+        return cls(graphs=FrontEndGraphs.from_bundle(bundle, device, ort_device), **options)
 
     def close(self) -> None:
         """Release the models."""

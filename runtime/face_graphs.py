@@ -266,14 +266,15 @@ class FrontEndGraphs:
         return cls(onnx_networks(paths, providers))
 
     @classmethod
-    def from_bundle(cls, bundle: Any, device: str = "auto") -> FrontEndGraphs:
+    def from_bundle(cls, bundle: Any, device: str = "auto", ort_device: str = "auto") -> FrontEndGraphs:
         """The bundle's three front-end graphs (`bundle`: an open `facellava.bundle.Bundle` that has them).
 
         `device` "tensorrt" runs the TensorRT engines `facellava build-engine` made of them for this GPU and
-        TensorRT version; "onnxruntime" runs the ONNX graphs on the best execution provider installed (TensorRT's
-        keeps its engines in the user's cache directory, so only the first start builds them; then CUDA; then the
-        CPU); "cpu" on the CPU provider alone; "auto" the engines where they exist, else "onnxruntime". Raises
-        FaceLlavaError for an unknown device or engines asked for that this device lacks."""
+        TensorRT version; "onnxruntime" runs the ONNX graphs on ONNX Runtime's `ort_device` (`execution_providers`:
+        "auto" the best installed, TensorRT's keeping its engines in the user's cache directory so that only the
+        first start builds them, then CUDA, then the CPU; or "tensorrt", "cuda", "cpu" insisting); "cpu" on the CPU
+        provider alone; "auto" the engines where they exist, else "onnxruntime". Raises FaceLlavaError for an
+        unknown device, engines asked for that this device lacks, or an ONNX Runtime device it cannot use."""
         if device not in DEVICES:
             raise FaceLlavaError(f"unknown front-end device {device!r}; choose from {', '.join(DEVICES)}")
         if device in ("auto", "tensorrt"):
@@ -292,7 +293,7 @@ class FrontEndGraphs:
         if device != "cpu":
             from facellava.runtime.ort_providers import execution_providers
 
-            providers = execution_providers("auto")
+            providers = execution_providers(ort_device)
         return cls.from_files({model: bundle.path_of(name) for model, name in FRONT_END_FILES.items()}, providers)
 
     def close(self) -> None:

@@ -25,6 +25,7 @@ from facellava.bundle import Bundle
 from facellava.errors import FaceLlavaError
 from facellava.runtime import face
 from facellava.runtime.medium import prepare_medium
+from facellava.runtime.ort_providers import DEVICES
 from facellava.runtime.session import ChatSession, Generation, Sampling, check_max_tokens, check_question
 from facellava.runtime.vision import VisionBackend, open_vision
 
@@ -127,8 +128,9 @@ class Pipeline:
     """A bundle opened for answering: the vision backend, the LLM session and the face front end."""
 
     def __init__(self, bundle: Bundle, vision: VisionBackend, session: ChatSession,
-                 min_face: int = face.MIN_FACE_SIDE, front_end: str = "auto"):
+                 min_face: int = face.MIN_FACE_SIDE, front_end: str = "auto", device: str = "auto"):
         self.bundle = bundle
+        self.device = device
         self.vision = vision
         self.session = session
         self.min_face = min_face
@@ -143,7 +145,7 @@ class Pipeline:
              n_threads: int | None = None, n_threads_batch: int | None = None, poll: int | None = None,
              verbose: bool = False, checkpoint: str | Path | None = None, image_tower: str | Path | None = None,
              video_tower: str | Path | None = None, min_face: int = face.MIN_FACE_SIDE,
-             front_end: str = "auto") -> Pipeline:
+             front_end: str = "auto", device: str = "auto") -> Pipeline:
         """Open a bundle: verify its manifest and the files used, pick the vision backend (`auto`,
         `onnxruntime`, `tensorrt`, `torch`) and the GGUF type (`llm`; default: the most precise present), load the
         LLM with `n_gpu_layers` offloaded. `kv_type` "f32" and `flash_attn` False make llama.cpp's attention as
@@ -154,13 +156,17 @@ class Pipeline:
         pixels (searching down to 20 costs tiles of the image; a larger value is faster). `front_end` picks the
         face front end's backend (`FaceFrontEnd.from_bundle`): "auto" runs the bundle's front-end graphs on ONNX
         Runtime (the vision graph's provider choice) when it has them, else MediaPipe; "graphs" or "mediapipe"
-        insist. Raises FaceLlavaError for a bundle that is missing, altered, or lacks what was asked for."""
+        insist. `device` is ONNX Runtime's for the ONNX graphs, vision and front end (`execution_providers`: auto,
+        cpu, cuda, tensorrt). Raises FaceLlavaError for a bundle that is missing, altered, or lacks what was asked
+        for."""
         from facellava.runtime.llm import LlamaModel
 
         if min_face < 1:
             raise FaceLlavaError(f"min_face must be at least 1 pixel, got {min_face}")
         if front_end not in face.FRONT_ENDS:
             raise FaceLlavaError(f"unknown front end {front_end!r}; choose from {', '.join(face.FRONT_ENDS)}")
+        if device not in DEVICES:
+            raise FaceLlavaError(f"unknown device {device!r}; choose from {', '.join(DEVICES)}")
         opened = Bundle.open(bundle)
         if front_end == "graphs" and not face.has_front_end_graphs(opened):
             raise FaceLlavaError(f"{opened.path} has no front-end graphs; add them with `facellava export "
@@ -172,11 +178,11 @@ class Pipeline:
             llm = next((t for t in LLM_PREFERENCE if t in types), sorted(types)[0])
         if llm not in types:
             raise FaceLlavaError(f"{opened.path} has no {llm} GGUF (it has: {', '.join(sorted(types))})")
-        backend = open_vision(opened, vision, vision_precision, checkpoint, image_tower, video_tower)
+        backend = open_vision(opened, vision, vision_precision, checkpoint, image_tower, video_tower, device)
         model = LlamaModel.open(opened.path_of(types[llm]), n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
                                 kv_type=kv_type, flash_attn=flash_attn, n_threads=n_threads,
                                 n_threads_batch=n_threads_batch, poll=poll, verbose=verbose)
-        return cls(opened, backend, ChatSession(model), min_face, front_end)
+        return cls(opened, backend, ChatSession(model), min_face, front_end, device)
 
     @property
     def front_end(self) -> face.FaceFrontEnd:
@@ -184,7 +190,7 @@ class Pipeline:
             # the front end follows the vision backend: its TensorRT engines (else ONNX Runtime) beside TensorRT
             # vision, ONNX Runtime's best provider beside ONNX Runtime vision, the CPU beside the torch reference
             device = {"tensorrt": "auto", "onnxruntime": "onnxruntime"}.get(self.vision.name, "cpu")
-            self._front_end = face.FaceFrontEnd.from_bundle(self.bundle, self.front_end_choice, device,
+            self._front_end = face.FaceFrontEnd.from_bundle(self.bundle, self.front_end_choice, device, self.device,
                                                             min_face_side=self.min_face)
         return self._front_end
 

@@ -246,10 +246,12 @@ class TorchVision(VisionBackend):
 
 
 def open_vision(bundle: Bundle, backend: str = "auto", precision: str = "fp32", checkpoint: str | Path | None = None,
-                image_tower: str | Path | None = None, video_tower: str | Path | None = None) -> VisionBackend:
+                image_tower: str | Path | None = None, video_tower: str | Path | None = None,
+                device: str = "auto") -> VisionBackend:
     """A vision backend for the bundle. `auto`: TensorRT when this device has engines for the bundle and
-    TensorRT is installed, else ONNX Runtime. `torch` takes the source checkpoint (and optional tower
-    directories). Raises FaceLlavaError for an unknown or unavailable backend."""
+    TensorRT is installed, else ONNX Runtime on `device`'s execution providers (`execution_providers`). `torch`
+    takes the source checkpoint (and optional tower directories). Raises FaceLlavaError for an unknown or
+    unavailable backend or device."""
     if backend not in BACKENDS:
         raise FaceLlavaError(f"unknown vision backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if backend != "torch" and (checkpoint, image_tower, video_tower) != (None, None, None):
@@ -265,6 +267,6 @@ def open_vision(bundle: Bundle, backend: str = "auto", precision: str = "fp32", 
     if backend == "torch":
         return TorchVision(bundle, checkpoint, image_tower, video_tower)
     try:
-        return OnnxRuntimeVision(bundle, precision)
+        return OnnxRuntimeVision(bundle, precision, device)
     except ImportError:
         raise FaceLlavaError("onnxruntime is not installed: install the `runtime` extra") from None

@@ -184,6 +184,19 @@ def test_cli_bad_and_unusual_inputs(tmp_path, tiny_bundle, face_photo):
     expect_error(tiny_bundle, "camera 9 cannot be opened", QUESTION, "--camera", "9")
 
 
+def test_cli_device_picks_onnx_runtimes_providers(tiny_bundle, face_photo):
+    import onnxruntime
+
+    answers = [expect_answer(tiny_bundle, QUESTION, "--image", face_photo, *device)
+               for device in ([], ["--device", "cpu"])]
+    assert answers[0]["tokens"] and answers[0]["tokens"] == answers[1]["tokens"]
+    assert answers[0]["landmarks"] == answers[1]["landmarks"] == "face mesh"
+    device, provider = next((d, p) for d, p in (("cuda", "CUDAExecutionProvider"),
+                                                 ("tensorrt", "TensorrtExecutionProvider"))
+                            if p not in onnxruntime.get_available_providers())  # this CPU build lacks both
+    expect_error(tiny_bundle, f"has no {provider}", QUESTION, "--image", face_photo, "--device", device)
+
+
 def test_cli_refuses_a_damaged_bundle(tmp_path, tiny_bundle, face_photo):
     import shutil
 
