@@ -1,8 +1,8 @@
 // The vision graph on the bundle's TensorRT engines (runtime/vision.py's TensorRTVision): the engines `facellava
 // build-engine` made for this GPU and TensorRT version (manifest kind "engine", fields gpu and tensorrt), run with
 // TensorRT 10/11's name-based runtime API (NvInferRuntime.h) and the CUDA runtime. Compiled only where CMake found
-// TensorRT (FACELLAVA_TENSORRT). Checked by compiling against TensorRT 10's public headers and linking against the
-// CUDA runtime (native/README.md); it has not yet run an engine on a GPU.
+// TensorRT (FACELLAVA_TENSORRT). Checked by compiling against TensorRT 10.1's public runtime declarations and linking
+// against the CUDA runtime without libnvinfer (native/README.md); it has not yet run an engine on a GPU.
 #pragma once
 #include <map>
 #include <memory>
