@@ -744,3 +744,35 @@ def test_native_tensorrt_engine_vision_answers_as_python(native, tiny_bundle, tm
         python_json, our_json = json.loads(python.stdout), json.loads(ours.stdout)
         assert our_json["vision_backend"] == python_json["vision_backend"] == "tensorrt"
         assert our_json["tokens"] == python_json["tokens"]
+
+
+@pytest.mark.skipif(_native_tensorrt_missing() is not None, reason=str(_native_tensorrt_missing()))
+def test_native_tensorrt_front_end_engines_answer_as_python(native, tiny_bundle, tmp_path):
+    """On a GPU: beside TensorRT vision, the face front end on the bundle's engines of its three graphs
+    (`facellava build-engine`, kind front_end_engine) in both runtimes, as runtime/pipeline.py's front_end chooses
+    them; the same tokens (face crop and face-mesh landmarks, image and video), and the native runner verified (so
+    used) the three front-end engines, not the ONNX graphs."""
+    from facellava.bundle import VERIFIED_CACHE, Bundle, _VerifiedCache
+    from facellava.runtime.face_graphs import FRONT_END_ENGINE_KIND, FRONT_END_FILES
+
+    bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
+    built = subprocess.run([sys.executable, "-m", "facellava", "build-engine", str(bundle), "--precision", "fp32"],
+                           capture_output=True, text=True, timeout=1200)
+    assert built.returncode == 0, built.stderr
+    files = Bundle.open(bundle).files
+    engines = sorted(name for name, entry in files.items() if entry.get("kind") == FRONT_END_ENGINE_KIND)
+    assert sorted(files[name]["source"] for name in engines) == sorted(FRONT_END_FILES.values())
+    for medium in (["--image", FACE_PHOTO], ["--video", write_video(tmp_path / "clip.mp4", 16)]):
+        (bundle / VERIFIED_CACHE).unlink(missing_ok=True)
+        args = [bundle, *medium, "--max-tokens", 8, "--json", *EXACT, "--vision", "tensorrt", QUESTION]
+        ours = run_native(*args)
+        assert ours.returncode == 0, ours.stderr
+        verified = set(_VerifiedCache(Bundle.open(bundle).path).entries)
+        assert set(engines) <= verified and not verified & set(FRONT_END_FILES.values()), verified
+        python = subprocess.run([sys.executable, "-m", "facellava", "run", *map(str, args)], capture_output=True,
+                                text=True, timeout=600)
+        assert python.returncode == 0, python.stderr
+        python_json, our_json = json.loads(python.stdout), json.loads(ours.stdout)
+        assert our_json["vision_backend"] == python_json["vision_backend"] == "tensorrt"
+        assert our_json["landmarks"] == python_json["landmarks"] == "face mesh"
+        assert our_json["tokens"] == python_json["tokens"]

@@ -394,26 +394,68 @@ bool has_front_end_graphs(const Bundle& bundle) {
 
 // --- the graphs -----------------------------------------------------------------------------------------------
 
+namespace {
+
+// face_graphs.py's onnx_networks: one graph on ONNX Runtime as a network
+class OnnxNetwork : public FrontEndNetwork {
+  public:
+    explicit OnnxNetwork(std::unique_ptr<OnnxGraph> graph) : graph_(std::move(graph)) {}
+    const std::string& name() const override { return graph_->name; }
+    std::vector<std::string> output_names() const override {
+        std::vector<std::string> names;
+        for (const auto& output : graph_->outputs) names.push_back(output.name);
+        return names;
+    }
+    std::vector<NetworkOutput> run(const std::vector<float>& tensor, const std::vector<std::int64_t>& shape) override {
+        auto values = graph_->run({graph_->inputs[0].name}, {tensor.data()}, {shape});
+        std::vector<NetworkOutput> outputs;
+        for (std::size_t i = 0; i < values.size(); ++i) {
+            NetworkOutput out;
+            out.name = graph_->outputs[i].name;
+            auto info = values[i].GetTensorTypeAndShapeInfo();
+            out.shape = info.GetShape();
+            out.float32 = info.GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+            if (out.float32) {
+                const float* data = values[i].GetTensorData<float>();
+                out.values.assign(data, data + info.GetElementCount());
+            }
+            outputs.push_back(std::move(out));
+        }
+        return outputs;
+    }
+
+  private:
+    std::unique_ptr<OnnxGraph> graph_;
+};
+
+}  // namespace
+
 struct GraphsFrontEnd::Graphs {
-    std::map<std::string, std::unique_ptr<OnnxGraph>> networks;
+    FrontEndNetworks networks;
     std::map<std::string, std::vector<std::array<float, 2>>> anchors;
 };
 
-GraphsFrontEnd::GraphsFrontEnd(const Bundle& bundle, int min_face_side, const std::string& device)
+GraphsFrontEnd::GraphsFrontEnd(const Bundle& bundle, int min_face_side, const std::string& device,
+                               FrontEndNetworks networks)
     : graphs_(std::make_unique<Graphs>()), min_face_side_(min_face_side) {
     if (!has_front_end_graphs(bundle)) {
         throw Error(bundle.root().string() + " has no front-end graphs; add them with `facellava export front-end "
                     "--bundle DIR`, or give --no-face-crop with --landmarks NPY or --no-landmarks");
     }
+    for (const auto* spec : {&fe::SHORT_RANGE, &fe::FULL_RANGE}) graphs_->anchors[spec->name] = ssd_anchors(*spec);
+    if (networks.count("short_range") && networks.count("full_range") && networks.count("mesh")) {
+        graphs_->networks = std::move(networks);  // the TensorRT engines, checked where they were opened
+        return;
+    }
     const std::string remedy = "export it again with `facellava export front-end`";
     // one thread each, as runtime/face_graphs.py's onnx_networks: the networks are small
-    graphs_->networks["short_range"] = OnnxGraph::open(bundle, fe::SHORT_RANGE_FILE, 1, remedy, device);
-    graphs_->networks["full_range"] = OnnxGraph::open(bundle, fe::FULL_RANGE_FILE, 1, remedy, device);
-    graphs_->networks["mesh"] = OnnxGraph::open(bundle, fe::MESH_FILE, 1, remedy, device);
-    for (const auto* spec : {&fe::SHORT_RANGE, &fe::FULL_RANGE}) graphs_->anchors[spec->name] = ssd_anchors(*spec);
-    for (const auto& [model, graph] : graphs_->networks) {
+    const std::pair<const char*, const char*> files[] = {
+        {"short_range", fe::SHORT_RANGE_FILE}, {"full_range", fe::FULL_RANGE_FILE}, {"mesh", fe::MESH_FILE}};
+    for (const auto& [model, file] : files) {
+        auto graph = OnnxGraph::open(bundle, file, 1, remedy, device);
         if (graph->inputs.size() != 1 || graph->inputs[0].type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
             throw Error(graph->name + " is not a front-end graph (one float32 NHWC input); " + remedy);
+        graphs_->networks[model] = std::make_unique<OnnxNetwork>(std::move(graph));
     }
 }
 
@@ -427,21 +469,20 @@ std::vector<Detection> GraphsFrontEnd::detections(const Rgb& rgb, const std::str
     Roi roi{width / 2.0, height / 2.0, long_side, long_side};  // letterbox_roi
     std::vector<float> tensor = image_to_tensor(rgb, roi, spec.side, fe::DETECTOR_RANGE[0], fe::DETECTOR_RANGE[1],
                                                  cv::BORDER_CONSTANT);
-    OnnxGraph& graph = *graphs_->networks.at(model);
-    auto outputs = graph.run({graph.inputs[0].name}, {tensor.data()}, {{1, spec.side, spec.side, 3}});
+    FrontEndNetwork& graph = *graphs_->networks.at(model);
+    auto outputs = graph.run(tensor, {1, spec.side, spec.side, 3});
     const auto& anchors = graphs_->anchors.at(model);
     const float *raw = nullptr, *logits = nullptr;
     int values = 4 + 2 * fe::NUM_KEYPOINTS;
-    for (auto& output : outputs) {
-        auto info = output.GetTensorTypeAndShapeInfo();
-        auto shape = info.GetShape();
-        if (shape.empty() || info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) continue;
-        std::size_t count = info.GetElementCount();
-        if (shape.back() == values && raw == nullptr && count == anchors.size() * values) raw = output.GetTensorData<float>();
-        else if (shape.back() == 1 && logits == nullptr && count == anchors.size()) logits = output.GetTensorData<float>();
+    for (const auto& output : outputs) {
+        const auto& shape = output.shape;
+        if (shape.empty() || !output.float32) continue;
+        std::size_t count = output.values.size();
+        if (shape.back() == values && raw == nullptr && count == anchors.size() * values) raw = output.values.data();
+        else if (shape.back() == 1 && logits == nullptr && count == anchors.size()) logits = output.values.data();
     }
     if (raw == nullptr || logits == nullptr) {
-        throw Error(graph.name + " does not give " + std::to_string(anchors.size()) + " detections of " +
+        throw Error(graph.name() + " does not give " + std::to_string(anchors.size()) + " detections of " +
                     std::to_string(values) + " values and scores; export it again with `facellava export front-end`");
     }
     auto decoded = decode_detections(raw, values, logits, anchors, spec.side, min_score.value_or(spec.min_score));
@@ -480,22 +521,24 @@ std::optional<std::vector<double>> GraphsFrontEnd::mesh(const Rgb& rgb) {
     double long_side = std::max(box_width * width, box_height * height) * fe::MESH_SCALE;
     Roi roi{(xmin + box_width / 2) * width, (ymin + box_height / 2) * height, long_side, long_side, rotation};
     std::vector<float> tensor = image_to_tensor(rgb, roi, fe::MESH_SIDE, fe::MESH_RANGE[0], fe::MESH_RANGE[1], fe::MESH_BORDER);
-    OnnxGraph& graph = *graphs_->networks.at("mesh");
+    FrontEndNetwork& graph = *graphs_->networks.at("mesh");
     std::vector<std::string> wanted = {"output_mesh_identity", "conv_faceflag"};
     for (const auto& refinement : fe::MESH_REFINEMENTS) wanted.push_back(refinement.output);
+    std::vector<std::string> names = graph.output_names();
     for (const auto& name : wanted) {
-        bool present = false;
-        for (const auto& output : graph.outputs) present = present || output.name == name;
-        if (!present) throw Error(graph.name + " has no output " + name + " (the attention face mesh's); export it again "
-                                  "with `facellava export front-end`");
+        if (std::find(names.begin(), names.end(), name) == names.end())
+            throw Error(graph.name() + " has no output " + name + " (the attention face mesh's); export it again "
+                        "with `facellava export front-end`");
     }
-    auto outputs = graph.run({graph.inputs[0].name}, {tensor.data()}, {{1, fe::MESH_SIDE, fe::MESH_SIDE, 3}}, wanted);
+    auto outputs = graph.run(tensor, {1, fe::MESH_SIDE, fe::MESH_SIDE, 3});
     auto values = [&](std::size_t i, std::size_t count) {
-        auto info = outputs[i].GetTensorTypeAndShapeInfo();
-        if (info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || info.GetElementCount() != count)
-            throw Error(graph.name + "'s " + wanted[i] + " does not hold " + std::to_string(count) + " float32 values; "
+        const NetworkOutput* output = nullptr;
+        for (const auto& candidate : outputs)
+            if (candidate.name == wanted[i]) output = &candidate;
+        if (output == nullptr || !output->float32 || output->values.size() != count)
+            throw Error(graph.name() + "'s " + wanted[i] + " does not hold " + std::to_string(count) + " float32 values; "
                         "export it again with `facellava export front-end`");
-        return outputs[i].GetTensorData<float>();
+        return output->values.data();
     };
     // _mesh_points: the mesh's x, y with the refinements' points written over theirs (irises appended)
     std::vector<double> points(2 * fe::REFINED_MESH_POINTS, 0.0);

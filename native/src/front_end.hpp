@@ -3,6 +3,8 @@
 // MediaPipe's processing around the networks restated as the Python reference states it; and the whole-image path
 // (--no-face-crop) that needs no model.
 #pragma once
+#include <cstdint>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -70,13 +72,36 @@ struct Detection {
     float score;
 };
 
+// One output of a front-end network, float32 (runtime/face_graphs.py's Network gives {name: array}).
+struct NetworkOutput {
+    std::string name;
+    std::vector<std::int64_t> shape;
+    std::vector<float> values;  // empty when the output is not float32
+    bool float32 = true;
+};
+
+// One front-end network (face_graphs.py's Network): one float32 NHWC input in, every output by name. On ONNX
+// Runtime here; on a TensorRT engine in tensorrt_vision.cpp (builds with TensorRT only).
+class FrontEndNetwork {
+  public:
+    virtual ~FrontEndNetwork() = default;
+    virtual const std::string& name() const = 0;  // the manifest's file name, for messages
+    virtual std::vector<std::string> output_names() const = 0;
+    // `tensor` of `shape` ([1, side, side, 3]) in; every output, in output_names' order. Throws Error.
+    virtual std::vector<NetworkOutput> run(const std::vector<float>& tensor, const std::vector<std::int64_t>& shape) = 0;
+};
+
+// The three networks by model ("short_range", "full_range", "mesh"), as FrontEndGraphs holds them.
+using FrontEndNetworks = std::map<std::string, std::unique_ptr<FrontEndNetwork>>;
+
 class GraphsFrontEnd : public FrontEnd {
   public:
     // The bundle's three graphs on ONNX Runtime (one thread each, as runtime/face_graphs.py opens them) on
-    // `device`'s execution providers (onnx_session.hpp's execution_providers), each verified by the bundle first.
-    // `min_face_side`: the smallest face searched for, in pixels. Throws Error when the bundle lacks them or they
-    // cannot be loaded.
-    GraphsFrontEnd(const Bundle& bundle, int min_face_side, const std::string& device = "cpu");
+    // `device`'s execution providers (onnx_session.hpp's execution_providers), each verified by the bundle first;
+    // or, when `networks` holds the three, those (the bundle's TensorRT engines of them). `min_face_side`: the
+    // smallest face searched for, in pixels. Throws Error when the bundle lacks them or they cannot be loaded.
+    GraphsFrontEnd(const Bundle& bundle, int min_face_side, const std::string& device = "cpu",
+                   FrontEndNetworks networks = {});
     ~GraphsFrontEnd() override;
 
     FaceCrop process_image(const Rgb& rgb, const FaceOptions& options, const std::string& name) override;

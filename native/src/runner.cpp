@@ -196,7 +196,15 @@ Answer Runner::ask(const std::string& question, const Request& request,
     auto start = Clock::now();
     bool run_mesh = !request.no_landmarks && request.landmarks.empty();
     // the bundle's front-end graphs for face detection or face-mesh landmarks (verified and opened once)
-    if ((!request.no_face_crop || run_mesh) && graphs_ == nullptr) graphs_ = std::make_unique<GraphsFrontEnd>(bundle_, min_face_, device_);
+    if ((!request.no_face_crop || run_mesh) && graphs_ == nullptr) {
+        // runtime/pipeline.py's front_end: it follows the vision backend, the bundle's engines of the three graphs
+        // for this device beside TensorRT vision (all three or none), else ONNX Runtime on --device's providers
+        FrontEndNetworks engines;
+#ifdef FACELLAVA_HAVE_TENSORRT
+        if (std::string(vision_->name()) == "tensorrt") engines = tensorrt_front_end_networks(bundle_);
+#endif
+        graphs_ = std::make_unique<GraphsFrontEnd>(bundle_, min_face_, device_, std::move(engines));
+    }
     FrontEnd& front_end = (!request.no_face_crop || run_mesh) ? static_cast<FrontEnd&>(*graphs_) : whole_image_;
 
     Answer answer;

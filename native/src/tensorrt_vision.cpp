@@ -13,6 +13,7 @@
 
 #include "contract_generated.hpp"
 #include "errors.hpp"
+#include "front_end_generated.hpp"
 
 namespace facellava {
 
@@ -85,23 +86,35 @@ std::string names_text(const std::set<std::string>& names) {
     return text + "]";
 }
 
+std::vector<std::int64_t> shape_of(const nvinfer1::Dims& dims) {
+    std::vector<std::int64_t> shape;
+    for (int d = 0; d < dims.nbDims; ++d) shape.push_back(dims.d[d]);
+    return shape;
+}
+
+nvinfer1::Dims dims_of(const std::vector<std::int64_t>& shape) {
+    nvinfer1::Dims dims{};
+    dims.nbDims = static_cast<int32_t>(shape.size());
+    for (int d = 0; d < dims.nbDims; ++d) dims.d[d] = shape[d];
+    return dims;
+}
+
 }  // namespace
 
-std::map<std::pair<int, bool>, std::string> tensorrt_engines_here(const Bundle& bundle, const std::string& precision,
-                                                                  std::string* why) {
+std::vector<std::string> tensorrt_engines_for_this_device(const Bundle& bundle, const std::string& kind,
+                                                          std::string* why) {
     std::string reason;
     if (why == nullptr) why = &reason;
     int count = 0;
     cudaError_t status = cudaGetDeviceCount(&count);
     if (status != cudaSuccess || count < 1) {
-        *why = "no CUDA device (" + (status != cudaSuccess ? cuda_error(status) : std::string("none found")) +
-               "); give --vision onnxruntime";
+        *why = "no CUDA device (" + (status != cudaSuccess ? cuda_error(status) : std::string("none found")) + ")";
         return {};
     }
     cudaDeviceProp properties{};
     status = cudaGetDeviceProperties(&properties, 0);
     if (status != cudaSuccess) {
-        *why = "CUDA device 0 cannot be queried (" + cuda_error(status) + "); give --vision onnxruntime";
+        *why = "CUDA device 0 cannot be queried (" + cuda_error(status) + ")";
         return {};
     }
     // runtime/tensorrt_runner.py's gpu_info: the name with its whitespace stripped
@@ -110,35 +123,46 @@ std::map<std::pair<int, bool>, std::string> tensorrt_engines_here(const Bundle& 
     gpu.erase(gpu.find_last_not_of(space) + 1);
     gpu.erase(0, std::min(gpu.size(), gpu.find_first_not_of(space)));
     std::string version = tensorrt_version();
-    std::map<std::pair<int, bool>, std::string> engines;
-    for (const auto& name : bundle.find("engine", {{"precision", precision}})) {
+    std::vector<std::string> names;
+    for (const auto& name : bundle.find(kind)) {
         const auto& entry = bundle.files().at(name);
-        if (entry.value("gpu", "") != gpu || !same_version(entry.value("tensorrt", ""), version)) continue;
+        if (entry.value("gpu", "") == gpu && same_version(entry.value("tensorrt", ""), version)) names.push_back(name);
+    }
+    if (names.empty()) {
+        *why = "none built for " + gpu + " with TensorRT " + version +
+               "; build them with `facellava build-engine BUNDLE`";
+    }
+    return names;
+}
+
+std::map<std::pair<int, bool>, std::string> tensorrt_engines_here(const Bundle& bundle, const std::string& precision,
+                                                                  std::string* why) {
+    std::string reason;
+    if (why == nullptr) why = &reason;
+    std::map<std::pair<int, bool>, std::string> engines;
+    for (const auto& name : tensorrt_engines_for_this_device(bundle, "engine", why)) {
+        const auto& entry = bundle.files().at(name);
+        if (entry.value("precision", "") != precision) continue;
         int modality = entry.value("modality", "") == "video" ? static_cast<int>(Modality::video)
                                                                : static_cast<int>(Modality::image);
         engines[{modality, entry.value("landmarks", false)}] = name;
     }
-    if (engines.empty()) {
-        *why = "none built for " + gpu + " with TensorRT " + version +
-               "; build them with `facellava build-engine BUNDLE`";
-    }
+    if (engines.empty() && why->empty()) *why = "none of precision " + precision + "; build them with "
+                                                "`facellava build-engine BUNDLE --precision " + precision + "`";
+    if (why->rfind("no CUDA device", 0) == 0 || why->rfind("CUDA device 0", 0) == 0) *why += "; give --vision onnxruntime";
     return engines;
 }
 
-// One deserialized engine, its execution context, a stream and device buffers grown on demand. TensorRT 10 objects
-// are deleted with `delete` (their destructors are public), the context before the engine, the engine before the
-// runtime: the members are destroyed in the reverse order of their declaration.
-struct TensorRtVision::Engine {
+// TensorRT 10 objects are deleted with `delete` (their destructors are public), the context before the engine, the
+// engine before the runtime: the members are destroyed in the reverse order of their declaration.
+struct TensorRtEngine::State {
     std::string name;
+    std::vector<Io> io;
     std::unique_ptr<nvinfer1::IRuntime> runtime;
     std::unique_ptr<nvinfer1::ICudaEngine> engine;
     std::unique_ptr<nvinfer1::IExecutionContext> context;
     cudaStream_t stream = nullptr;
     std::map<std::string, std::pair<void*, std::size_t>> buffers;  // device pointer, bytes
-
-    Engine() = default;
-    Engine(const Engine&) = delete;
-    Engine& operator=(const Engine&) = delete;
 
     void* buffer(const std::string& tensor, std::size_t bytes) {
         auto& [pointer, size] = buffers[tensor];
@@ -152,7 +176,7 @@ struct TensorRtVision::Engine {
         return pointer;
     }
 
-    ~Engine() {
+    ~State() {
         if (stream != nullptr) cudaStreamSynchronize(stream);  // nothing may still use the buffers
         for (auto& item : buffers)
             if (item.second.first != nullptr) cudaFree(item.second.first);
@@ -160,13 +184,112 @@ struct TensorRtVision::Engine {
     }
 };
 
+TensorRtEngine::TensorRtEngine(const Bundle& bundle, const std::string& name) : state_(std::make_unique<State>()) {
+    State& s = *state_;
+    s.name = name;
+    std::ifstream in(bundle.path_of(name), std::ios::binary);  // verified first, as every file used
+    if (!in) throw Error("cannot open " + name + " in " + bundle.root().string());
+    std::string blob((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    cuda_check(cudaSetDevice(0), "selecting GPU 0");
+    logger().last_error.clear();
+    s.runtime.reset(nvinfer1::createInferRuntime(logger()));
+    if (s.runtime == nullptr)
+        throw Error("TensorRT " + tensorrt_version() + " cannot start (" + logger().last_error + ")");
+    s.engine.reset(s.runtime->deserializeCudaEngine(blob.data(), blob.size()));
+    if (s.engine == nullptr) {
+        throw Error("TensorRT " + tensorrt_version() + " cannot load " + name + " (" + logger().last_error +
+                    "): engines only run with the TensorRT version and GPU they were built with; rebuild it here "
+                    "with `facellava build-engine`");
+    }
+    for (int i = 0; i < s.engine->getNbIOTensors(); ++i) {
+        Io io;
+        io.name = s.engine->getIOTensorName(i);
+        io.input = s.engine->getTensorIOMode(io.name.c_str()) == nvinfer1::TensorIOMode::kINPUT;
+        io.shape = shape_of(s.engine->getTensorShape(io.name.c_str()));
+        io.type = type_name(s.engine->getTensorDataType(io.name.c_str()));
+        s.io.push_back(std::move(io));
+    }
+    s.context.reset(s.engine->createExecutionContext());
+    if (s.context == nullptr) {
+        throw Error("TensorRT cannot create an execution context for " + name + " (" + logger().last_error +
+                    "); free GPU memory or rebuild the engine");
+    }
+    cuda_check(cudaStreamCreate(&s.stream), "creating a CUDA stream");
+}
+
+TensorRtEngine::~TensorRtEngine() = default;
+
+const std::string& TensorRtEngine::name() const { return state_->name; }
+
+const std::vector<TensorRtEngine::Io>& TensorRtEngine::io() const { return state_->io; }
+
+std::map<std::string, TensorRtEngine::Output> TensorRtEngine::run(const std::vector<std::string>& names,
+                                                                  const std::vector<const float*>& data,
+                                                                  const std::vector<std::vector<std::int64_t>>& shapes) {
+    State& s = *state_;
+    if (names.size() != data.size() || names.size() != shapes.size())
+        throw std::invalid_argument("TensorRtEngine::run: names, data and shapes differ in length");
+    for (const auto& io : s.io) {
+        if (io.type != "float32") {
+            throw Error(s.name + "'s " + (io.input ? "input " : "output ") + io.name + " is " + io.type +
+                        ", not float32; rebuild it from the bundle's graph with `facellava build-engine`");
+        }
+        if (io.input && std::find(names.begin(), names.end(), io.name) == names.end())
+            throw std::invalid_argument(s.name + " needs the input " + io.name);  // the callers give them all: a bug
+    }
+    for (std::size_t i = 0; i < names.size(); ++i) {
+        const std::string& tensor = names[i];
+        auto io = std::find_if(s.io.begin(), s.io.end(), [&](const Io& x) { return x.input && x.name == tensor; });
+        if (io == s.io.end()) throw std::invalid_argument(s.name + " has no input " + tensor);
+        nvinfer1::Dims dims = dims_of(shapes[i]);
+        bool dynamic = std::any_of(io->shape.begin(), io->shape.end(), [](std::int64_t d) { return d < 0; });
+        logger().last_error.clear();
+        if (dynamic ? !s.context->setInputShape(tensor.c_str(), dims) : io->shape != shapes[i]) {
+            throw Error(s.name + " refuses " + tensor + " of shape " + shape_text(dims) + " (it takes " +
+                        shape_text(dims_of(io->shape)) + (logger().last_error.empty() ? "" : "; " + logger().last_error) +
+                        "); rebuild it with `facellava build-engine`");
+        }
+        std::size_t count = 1;
+        for (std::int64_t d : shapes[i]) count *= static_cast<std::size_t>(d);
+        void* device = s.buffer(tensor, count * sizeof(float));
+        cuda_check(cudaMemcpyAsync(device, data[i], count * sizeof(float), cudaMemcpyHostToDevice, s.stream),
+                   "copying " + tensor + " to the GPU");
+        if (!s.context->setTensorAddress(tensor.c_str(), device))
+            throw Error("TensorRT refuses the GPU buffer of " + tensor + " (" + logger().last_error + ")");
+    }
+    std::map<std::string, Output> outputs;
+    for (const auto& io : s.io) {
+        if (io.input) continue;
+        nvinfer1::Dims dims = s.context->getTensorShape(io.name.c_str());  // resolved from the input shapes
+        Output& out = outputs[io.name];
+        out.shape = shape_of(dims);
+        std::size_t count = 1;
+        for (std::int64_t d : out.shape) {
+            if (d < 0) throw Error(s.name + "'s output " + io.name + " has no shape (" + shape_text(dims) + ")");
+            count *= static_cast<std::size_t>(d);
+        }
+        out.values.resize(count);
+        void* device = s.buffer(io.name, std::max<std::size_t>(count, 1) * sizeof(float));
+        if (!s.context->setTensorAddress(io.name.c_str(), device))
+            throw Error("TensorRT refuses the GPU buffer of " + io.name + " (" + logger().last_error + ")");
+    }
+    if (!s.context->enqueueV3(s.stream)) throw Error("TensorRT failed to run " + s.name + " (" + logger().last_error + ")");
+    for (auto& [tensor, out] : outputs) {
+        cuda_check(cudaMemcpyAsync(out.values.data(), s.buffers.at(tensor).first, out.values.size() * sizeof(float),
+                                   cudaMemcpyDeviceToHost, s.stream),
+                   "copying " + tensor + " from the GPU");
+    }
+    cuda_check(cudaStreamSynchronize(s.stream), "running " + s.name);
+    return outputs;
+}
+
 TensorRtVision::TensorRtVision(const Bundle& bundle, std::string precision,
                                std::map<std::pair<int, bool>, std::string> engines)
     : bundle_(bundle), precision_(std::move(precision)), files_(std::move(engines)) {}
 
 TensorRtVision::~TensorRtVision() = default;
 
-TensorRtVision::Engine& TensorRtVision::engine(Modality modality, bool landmarks) {
+TensorRtEngine& TensorRtVision::engine(Modality modality, bool landmarks) {
     auto key = std::make_pair(static_cast<int>(modality), landmarks);
     if (auto found = engines_.find(key); found != engines_.end()) return *found->second;
     auto file = files_.find(key);
@@ -175,33 +298,14 @@ TensorRtVision::Engine& TensorRtVision::engine(Modality modality, bool landmarks
                     (landmarks ? "with" : "without") +
                     " landmarks on this device; run `facellava build-engine BUNDLE`");
     }
-    auto loaded = std::make_unique<Engine>();
-    loaded->name = file->second;
-    std::ifstream in(bundle_.path_of(file->second), std::ios::binary);  // verified first, as every file used
-    if (!in) throw Error("cannot open " + file->second + " in " + bundle_.root().string());
-    std::string blob((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    cuda_check(cudaSetDevice(0), "selecting GPU 0");
-    logger().last_error.clear();
-    loaded->runtime.reset(nvinfer1::createInferRuntime(logger()));
-    if (loaded->runtime == nullptr)
-        throw Error("TensorRT " + tensorrt_version() + " cannot start (" + logger().last_error + ")");
-    loaded->engine.reset(loaded->runtime->deserializeCudaEngine(blob.data(), blob.size()));
-    if (loaded->engine == nullptr) {
-        throw Error("TensorRT " + tensorrt_version() + " cannot load " + file->second + " (" + logger().last_error +
-                    "): engines only run with the TensorRT version and GPU they were built with; rebuild it here "
-                    "with `facellava build-engine`");
-    }
+    auto loaded = std::make_unique<TensorRtEngine>(bundle_, file->second);
     // runtime/vision.py's check_vision_io: the contract's input and output names, all float32
     std::set<std::string> want_inputs = {contract::VISION_INPUTS[0]}, inputs, outputs;
     if (landmarks) want_inputs.insert(contract::VISION_INPUTS[1]);
     std::vector<std::string> problems;
-    for (int i = 0; i < loaded->engine->getNbIOTensors(); ++i) {
-        const char* tensor = loaded->engine->getIOTensorName(i);
-        nvinfer1::TensorIOMode mode = loaded->engine->getTensorIOMode(tensor);
-        (mode == nvinfer1::TensorIOMode::kINPUT ? inputs : outputs).insert(tensor);
-        nvinfer1::DataType type = loaded->engine->getTensorDataType(tensor);
-        if (type != nvinfer1::DataType::kFLOAT)
-            problems.push_back(std::string(tensor) + " of type " + type_name(type) + ", expected float32");
+    for (const auto& io : loaded->io()) {
+        (io.input ? inputs : outputs).insert(io.name);
+        if (io.type != "float32") problems.push_back(io.name + " of type " + io.type + ", expected float32");
     }
     if (inputs != want_inputs)
         problems.insert(problems.begin(), "inputs " + names_text(inputs) + ", expected " + names_text(want_inputs));
@@ -215,84 +319,123 @@ TensorRtVision::Engine& TensorRtVision::engine(Modality modality, bool landmarks
         throw Error(file->second + " is not the contract's " + modality_name(modality) + " vision graph " +
                     (landmarks ? "with" : "without") + " landmarks (" + joined + "); export the bundle again");
     }
-    loaded->context.reset(loaded->engine->createExecutionContext());
-    if (loaded->context == nullptr) {
-        throw Error("TensorRT cannot create an execution context for " + file->second + " (" +
-                    logger().last_error + "); free GPU memory or rebuild the engine");
-    }
-    cuda_check(cudaStreamCreate(&loaded->stream), "creating a CUDA stream");
     return *engines_.emplace(key, std::move(loaded)).first->second;
 }
 
 VisualTokens TensorRtVision::encode(Modality modality, const std::vector<float>& pixel_values,
                                     const std::vector<float>* landmarks) {
-    Engine& e = engine(modality, landmarks != nullptr);
+    TensorRtEngine& e = engine(modality, landmarks != nullptr);
     bool video = modality == Modality::video;
     std::vector<std::int64_t> pixel_shape = {1, 3};
     if (video) pixel_shape.push_back(contract::NUM_FRAMES);
     pixel_shape.insert(pixel_shape.end(), {contract::IMAGE_SIZE, contract::IMAGE_SIZE});
-    std::vector<std::pair<std::string, std::pair<const std::vector<float>*, std::vector<std::int64_t>>>> inputs = {
-        {contract::VISION_INPUTS[0], {&pixel_values, pixel_shape}}};
+    std::vector<std::string> names = {contract::VISION_INPUTS[0]};
+    std::vector<const float*> data = {pixel_values.data()};
+    std::vector<std::vector<std::int64_t>> shapes = {pixel_shape};
     if (landmarks != nullptr) {
         std::vector<std::int64_t> shape = {1};
         if (video) shape.push_back(contract::NUM_FRAMES);
         shape.insert(shape.end(), {contract::NUM_LANDMARKS, 2});
-        inputs.push_back({contract::VISION_INPUTS[1], {landmarks, shape}});
+        names.push_back(contract::VISION_INPUTS[1]);
+        data.push_back(landmarks->data());
+        shapes.push_back(shape);
     }
-    for (const auto& [tensor, input] : inputs) {
-        const auto& [values, shape] = input;
-        nvinfer1::Dims dims{};
-        dims.nbDims = static_cast<int32_t>(shape.size());
+    for (std::size_t i = 0; i < names.size(); ++i) {
         std::size_t count = 1;
-        for (int d = 0; d < dims.nbDims; ++d) {
-            dims.d[d] = shape[d];
-            count *= static_cast<std::size_t>(shape[d]);
-        }
-        if (values->size() != count)  // the caller's preprocessing gives exactly this: a bug otherwise
-            throw std::invalid_argument(tensor + " has " + std::to_string(values->size()) + " values, not " +
+        for (std::int64_t d : shapes[i]) count *= static_cast<std::size_t>(d);
+        const std::vector<float>& values = i == 0 ? pixel_values : *landmarks;
+        if (values.size() != count)  // the caller's preprocessing gives exactly this: a bug otherwise
+            throw std::invalid_argument(names[i] + " has " + std::to_string(values.size()) + " values, not " +
                                         std::to_string(count));
-        logger().last_error.clear();
-        if (!e.context->setInputShape(tensor.c_str(), dims)) {
-            throw Error(e.name + " refuses " + tensor + " of shape " + shape_text(dims) + " (" + logger().last_error +
-                        "); rebuild it with `facellava build-engine`");
-        }
-        void* device = e.buffer(tensor, count * sizeof(float));
-        cuda_check(cudaMemcpyAsync(device, values->data(), count * sizeof(float), cudaMemcpyHostToDevice, e.stream),
-                   "copying " + tensor + " to the GPU");
-        if (!e.context->setTensorAddress(tensor.c_str(), device))
-            throw Error("TensorRT refuses the GPU buffer of " + tensor + " (" + logger().last_error + ")");
     }
-    const char* output = contract::VISION_OUTPUT;
-    nvinfer1::Dims out = e.context->getTensorShape(output);  // resolved from the input shapes
+    auto outputs = e.run(names, data, shapes);
+    TensorRtEngine::Output& out = outputs.at(contract::VISION_OUTPUT);
     std::vector<std::int64_t> want = {1};
     if (video) want.push_back(contract::NUM_FRAMES);
     want.push_back(video ? contract::VIDEO_FRAME_TOKENS : contract::IMAGE_TOKENS);
-    bool same = out.nbDims == static_cast<int32_t>(want.size()) + 1 && out.d[out.nbDims - 1] > 0;
-    for (std::size_t d = 0; same && d < want.size(); ++d) same = out.d[d] == want[d];
+    bool same = out.shape.size() == want.size() + 1 && out.shape.back() > 0;
+    for (std::size_t d = 0; same && d < want.size(); ++d) same = out.shape[d] == want[d];
     if (!same) {
-        nvinfer1::Dims expected{};
-        expected.nbDims = static_cast<int32_t>(want.size()) + 1;
-        for (std::size_t d = 0; d < want.size(); ++d) expected.d[d] = want[d];
-        expected.d[want.size()] = -1;
-        throw Error(e.name + " gives visual tokens of shape " + shape_text(out) + ", expected " +
-                    shape_text(expected) + "; export the bundle again");
+        std::vector<std::int64_t> expected = want;
+        expected.push_back(-1);
+        throw Error(e.name() + " gives visual tokens of shape " + shape_text(dims_of(out.shape)) + ", expected " +
+                    shape_text(dims_of(expected)) + "; export the bundle again");
     }
     VisualTokens tokens;
     tokens.blocks = video ? contract::NUM_FRAMES : 1;
     tokens.tokens = static_cast<int>(want.back());
-    tokens.width = static_cast<int>(out.d[out.nbDims - 1]);
-    tokens.values.resize(static_cast<std::size_t>(tokens.blocks) * tokens.tokens * tokens.width);
-    std::size_t bytes = tokens.values.size() * sizeof(float);
-    void* device = e.buffer(output, bytes);
-    logger().last_error.clear();
-    if (!e.context->setTensorAddress(output, device))
-        throw Error("TensorRT refuses the GPU buffer of " + std::string(output) + " (" + logger().last_error + ")");
-    if (!e.context->enqueueV3(e.stream))
-        throw Error("TensorRT failed to run " + e.name + " (" + logger().last_error + ")");
-    cuda_check(cudaMemcpyAsync(tokens.values.data(), device, bytes, cudaMemcpyDeviceToHost, e.stream),
-               "copying the visual tokens from the GPU");
-    cuda_check(cudaStreamSynchronize(e.stream), "running " + e.name);
+    tokens.width = static_cast<int>(out.shape.back());
+    tokens.values = std::move(out.values);
     return tokens;
+}
+
+namespace {
+
+// face_graphs.py's _EngineNetwork: a front-end engine as a network
+class EngineNetwork : public FrontEndNetwork {
+  public:
+    EngineNetwork(const Bundle& bundle, const std::string& name) : engine_(bundle, name) {
+        std::vector<std::string> problems;
+        for (const auto& io : engine_.io()) {
+            if (io.input) inputs_.push_back(io.name);
+            else outputs_.push_back(io.name);
+            if (io.type != "float32") problems.push_back(io.name + " is " + io.type);
+        }
+        if (inputs_.size() != 1) problems.insert(problems.begin(), std::to_string(inputs_.size()) + " inputs");
+        if (!problems.empty()) {
+            std::string joined;
+            for (const auto& problem : problems) joined += (joined.empty() ? "" : "; ") + problem;
+            throw Error(name + " is not a front-end graph's engine (one float32 NHWC input, float32 outputs: " +
+                        joined + "); rebuild it with `facellava build-engine`");
+        }
+    }
+    const std::string& name() const override { return engine_.name(); }
+    std::vector<std::string> output_names() const override { return outputs_; }
+    std::vector<NetworkOutput> run(const std::vector<float>& tensor, const std::vector<std::int64_t>& shape) override {
+        std::size_t count = 1;
+        for (std::int64_t d : shape) count *= static_cast<std::size_t>(d);
+        if (tensor.size() != count)  // image_to_tensor gives exactly this: a bug otherwise
+            throw std::invalid_argument(name() + "'s input has " + std::to_string(tensor.size()) + " values, not " +
+                                        std::to_string(count));
+        auto outputs = engine_.run({inputs_[0]}, {tensor.data()}, {shape});
+        std::vector<NetworkOutput> ordered;
+        for (const auto& output : outputs_) {
+            NetworkOutput out;
+            out.name = output;
+            out.shape = std::move(outputs.at(output).shape);
+            out.values = std::move(outputs.at(output).values);
+            ordered.push_back(std::move(out));
+        }
+        return ordered;
+    }
+
+  private:
+    TensorRtEngine engine_;
+    std::vector<std::string> inputs_, outputs_;
+};
+
+}  // namespace
+
+FrontEndNetworks tensorrt_front_end_networks(const Bundle& bundle, std::string* why) {
+    std::string reason;
+    if (why == nullptr) why = &reason;
+    // FrontEndGraphs.from_bundle: {source graph: engine}, then the three or none
+    std::map<std::string, std::string> engines;
+    for (const auto& name : tensorrt_engines_for_this_device(bundle, front_end::FRONT_END_ENGINE_KIND, why))
+        engines[bundle.files().at(name).value("source", "")] = name;
+    const std::pair<const char*, const char*> models[] = {{"short_range", front_end::SHORT_RANGE_FILE},
+                                                          {"full_range", front_end::FULL_RANGE_FILE},
+                                                          {"mesh", front_end::MESH_FILE}};
+    std::string missing;
+    for (const auto& [model, graph] : models)
+        if (!engines.count(graph)) missing += (missing.empty() ? "" : ", ") + std::string(graph);
+    if (!missing.empty()) {
+        if (why->empty()) *why = "no engine of " + missing + " for this device";
+        return {};
+    }
+    FrontEndNetworks networks;
+    for (const auto& [model, graph] : models) networks[model] = std::make_unique<EngineNetwork>(bundle, engines[graph]);
+    return networks;
 }
 
 }  // namespace facellava
