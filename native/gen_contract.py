@@ -127,7 +127,7 @@ def render_front_end() -> str:
         "",
         "// the bundle's front-end graphs (face_graphs.FRONT_END_FILES) and their manifest kind",
         f"inline constexpr const char* FRONT_END_KIND = {c_string(g.FRONT_END_KIND)};",
-        "// the kind of the TensorRT engines `facellava build-engine` makes of them (face_graphs.FRONT_END_ENGINE_KIND)",
+        "// the kind of the engines `facellava build-engine` makes of them (face_graphs.FRONT_END_ENGINE_KIND)",
         f"inline constexpr const char* FRONT_END_ENGINE_KIND = {c_string(g.FRONT_END_ENGINE_KIND)};",
         f"inline constexpr const char* SHORT_RANGE_FILE = {c_string(g.SHORT_RANGE_FILE)};",
         f"inline constexpr const char* FULL_RANGE_FILE = {c_string(g.FULL_RANGE_FILE)};",

@@ -6,7 +6,7 @@ namespace facellava::front_end {
 
 // the bundle's front-end graphs (face_graphs.FRONT_END_FILES) and their manifest kind
 inline constexpr const char* FRONT_END_KIND = "front_end";
-// the kind of the TensorRT engines `facellava build-engine` makes of them (face_graphs.FRONT_END_ENGINE_KIND)
+// the kind of the engines `facellava build-engine` makes of them (face_graphs.FRONT_END_ENGINE_KIND)
 inline constexpr const char* FRONT_END_ENGINE_KIND = "front_end_engine";
 inline constexpr const char* SHORT_RANGE_FILE = "face_detector_short_range.onnx";
 inline constexpr const char* FULL_RANGE_FILE = "face_detector_full_range.onnx";
