@@ -362,6 +362,105 @@ def test_native_16_bit_pixels_are_the_python_pixels(library, tmp_path, channels)
         assert not np.array_equal(native_pixels(library, image=high), expected)
 
 
+def _png16(path: Path, levels: np.ndarray, color_type: int) -> Path:
+    """A 16-bit PNG written by hand (OpenCV writes no grey-with-alpha PNG, Pillow no 16-bit one but grey)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    height, width = levels.shape[:2]
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in levels.reshape(height, -1))
+    header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def _image_file(kind: str, folder: Path) -> Path:
+    """One file of the formats the native side must read as Pillow does, made from the photograph (300 x 240)."""
+    import cv2
+    from PIL import Image
+
+    rgb = cv2.cvtColor(cv2.resize(cv2.imread(str(FACE_PHOTO)), (300, 240), interpolation=cv2.INTER_AREA),
+                       cv2.COLOR_BGR2RGB)
+    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    rng = np.random.default_rng(15)
+    low = rng.integers(0, 256, rgb.shape, dtype=np.uint16)  # low bytes: rint(v / 257) and v >> 8 differ
+    alpha = rng.integers(0, 65536, grey.shape, dtype=np.uint16)
+    deep = rgb.astype(np.uint16) * 256 + low
+    if kind == "la16.png":  # Pillow: RGBA of the grey's high bytes
+        return _png16(folder / kind, np.dstack([deep[:, :, 1], alpha]), 4)
+    if kind == "rgb16.png":
+        return _png16(folder / kind, deep, 2)
+    if kind == "rgba16.png":
+        return _png16(folder / kind, np.dstack([deep, alpha]), 6)
+    path = folder / kind
+    if kind == "rgb8.tif":
+        Image.fromarray(rgb).save(path, compression="tiff_lzw")
+    elif kind == "grey16.tif":  # Pillow: I;16, rint(v / 257)
+        Image.fromarray(deep[:, :, 1]).save(path)
+    elif kind == "rgba8.tif":  # unassociated alpha (ExtraSamples 2): OpenCV's libtiff RGBA reading premultiplies
+        Image.fromarray(np.dstack([rgb, (alpha >> 8).astype(np.uint8)])).save(path)
+    elif kind == "palette-transparency.png":
+        Image.fromarray(rgb).quantize(64).save(path, transparency=5)
+    elif kind == "cmyk.jpg":
+        Image.fromarray(rgb).convert("CMYK").save(path, quality=95)
+    else:  # exif-N.jpg: EXIF orientation N
+        exif = Image.Exif()
+        exif[0x0112] = int(kind.split("-")[1].split(".")[0])
+        Image.fromarray(rgb).save(path, quality=95, exif=exif)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["la16.png", "rgb16.png", "rgba16.png", "rgb8.tif", "grey16.tif",
+                                  "palette-transparency.png", "exif-3.jpg", "exif-5.jpg", "exif-6.jpg", "exif-8.jpg"])
+def test_native_decodes_images_as_pillow(library, tmp_path, kind):
+    """runtime/face.py's load_image (Pillow) is the reference: the pixel values bit for bit the Python runtime's."""
+    from PIL import Image
+
+    from facellava.runtime.face import load_image
+    from facellava.runtime.preprocess import expand2square, preprocess_image
+
+    path = _image_file(kind, tmp_path)
+    rgb = load_image(path)
+    assert np.array_equal(native_pixels(library, image=path), preprocess_image(expand2square(rgb)).ravel())
+    if kind.startswith("exif"):  # the orientation was applied: upright is not the stored image
+        with Image.open(path) as stored:
+            assert rgb.shape[:2] == ((300, 240) if kind in ("exif-5.jpg", "exif-6.jpg", "exif-8.jpg") else (240, 300))
+            assert rgb.shape != np.asarray(stored).shape or not np.array_equal(rgb, np.asarray(stored))
+
+
+def test_native_decodes_an_exif_rotated_photo_to_the_python_face(library, tiny_bundle, graphs_front_end, tmp_path):
+    """The photograph stored on its side with EXIF orientation 6: the same box, crop and landmarks as Python's."""
+    import cv2
+    from PIL import Image
+
+    from facellava.runtime.face import load_image
+
+    path = tmp_path / "sideways.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the viewer turns it 90 degrees clockwise
+    stored = cv2.rotate(load_image(FACE_PHOTO), cv2.ROTATE_90_COUNTERCLOCKWISE)
+    Image.fromarray(stored).save(path, quality=95, exif=exif)
+    expected = graphs_front_end.process_image(load_image(path))
+    assert expected.box is not None
+    assert assert_same_faces(native_faces(library, tiny_bundle, image=path), [expected]) <= landmarks_limit()
+
+
+@pytest.mark.parametrize("kind", ["cmyk.jpg", "rgba8.tif"])
+def test_native_refuses_images_opencv_cannot_read_as_pillow(native, tiny_bundle, tmp_path, kind):
+    """A CMYK JPEG (OpenCV converts with truncated products, Pillow rounds: a grey level apart on most pixels) and an
+    8-bit TIFF with unassociated alpha (OpenCV premultiplies it): one line naming the format, exit 1."""
+    from facellava.runtime.face import load_image
+
+    path = _image_file(kind, tmp_path)
+    load_image(path)  # Python reads it
+    result = ask(tiny_bundle, "--image", path, "--no-face-crop", "--no-landmarks")
+    assert_one_line_error(result, "CMYK JPEG" if kind == "cmyk.jpg" else "TIFF with an unassociated alpha")
+
+
 def test_native_video_pixels_match_within_the_opencv_builds_difference(library, clip):
     # the frames decode identically; the bilinear resize differs: the opencv-python wheel resizes float images
     # with Intel IPP, Debian's OpenCV without (cv2.ipp.setUseIPP(False) gives Debian's result exactly)

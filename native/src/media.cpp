@@ -110,6 +110,74 @@ Coefficients coefficients(int in_size, int out_size) {
     return c;
 }
 
+// The number of colour components of a JPEG file (its first frame header's), or 0 for a file that is not a JPEG or
+// whose header cannot be read (OpenCV then decides).
+int jpeg_components(const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    unsigned char marker[4];
+    if (!in.read(reinterpret_cast<char*>(marker), 2) || marker[0] != 0xFF || marker[1] != 0xD8) return 0;
+    while (in.read(reinterpret_cast<char*>(marker), 2)) {
+        if (marker[0] != 0xFF) return 0;
+        if (marker[1] == 0xFF) {  // fill bytes before a marker
+            in.seekg(-1, std::ios::cur);
+            continue;
+        }
+        if (marker[1] == 0x01 || (marker[1] >= 0xD0 && marker[1] <= 0xD7)) continue;  // no length
+        if (!in.read(reinterpret_cast<char*>(marker + 2), 2)) return 0;
+        int length = (marker[2] << 8) | marker[3];
+        bool frame = marker[1] >= 0xC0 && marker[1] <= 0xCF && marker[1] != 0xC4 && marker[1] != 0xC8 &&
+                     marker[1] != 0xCC;  // SOF0..SOF15 but DHT, JPG and DAC
+        if (frame) {
+            unsigned char header[6];  // precision, height, width, components
+            return in.read(reinterpret_cast<char*>(header), 6) ? header[5] : 0;
+        }
+        if (length < 2 || marker[1] == 0xDA) return 0;  // start of scan before a frame header: not a JPEG we know
+        in.seekg(length - 2, std::ios::cur);
+    }
+    return 0;
+}
+
+// Whether a TIFF file's first image holds 8-bit samples with an unassociated alpha (ExtraSamples 2), or false when
+// the file is not a classic TIFF or its header cannot be read.
+bool tiff_unassociated_alpha(const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    unsigned char header[8];
+    if (!in.read(reinterpret_cast<char*>(header), 8)) return false;
+    bool little = header[0] == 'I' && header[1] == 'I' && header[2] == 42 && header[3] == 0;
+    bool big = header[0] == 'M' && header[1] == 'M' && header[2] == 0 && header[3] == 42;
+    if (!little && !big) return false;
+    auto number = [&](const unsigned char* bytes, int size) {
+        std::uint32_t value = 0;
+        for (int i = 0; i < size; ++i) value |= static_cast<std::uint32_t>(bytes[little ? i : size - 1 - i]) << (8 * i);
+        return value;
+    };
+    // the first value of a SHORT field: in the entry itself (count <= 2) or at its offset
+    auto first_short = [&](const unsigned char* entry) -> std::uint32_t {
+        std::uint32_t count = number(entry + 4, 4);
+        if (number(entry + 2, 2) != 3 || count == 0) return 0;
+        if (count <= 2) return number(entry + 8, 2);
+        unsigned char value[2];
+        auto back = in.tellg();
+        in.seekg(number(entry + 8, 4));
+        bool read = static_cast<bool>(in.read(reinterpret_cast<char*>(value), 2));
+        in.clear();
+        in.seekg(back);
+        return read ? number(value, 2) : 0;
+    };
+    in.seekg(number(header + 4, 4));
+    unsigned char count_bytes[2];
+    if (!in.read(reinterpret_cast<char*>(count_bytes), 2)) return false;
+    std::uint32_t entries = number(count_bytes, 2), bits = 1, extra = 0;
+    for (std::uint32_t i = 0; i < entries; ++i) {
+        unsigned char entry[12];
+        if (!in.read(reinterpret_cast<char*>(entry), 12)) return false;
+        std::uint32_t tag = number(entry, 2);
+        if (tag == 258) bits = first_short(entry);   // BitsPerSample
+        if (tag == 338) extra = first_short(entry);  // ExtraSamples: 1 associated alpha, 2 unassociated
+    }
+    return extra == 2 && bits == 8;
+}
+
 }  // namespace
 
 const char* modality_name(Modality modality) { return modality == Modality::image ? "image" : "video"; }
@@ -126,6 +194,18 @@ Rgb load_image(const std::string& path) {
     quiet_opencv();
     bool directory = false;
     if (!is_file(path, directory)) throw Error("image not found: " + path + (directory ? " is a directory" : ""));
+    if (jpeg_components(path) == 4) {
+        // Pillow (runtime/face.py) converts CMYK with rounded products, OpenCV with truncated ones (>> 8): one grey
+        // level apart on most pixels. Refused rather than answered from other pixels than the Python runtime's.
+        throw Error(path + " is a CMYK JPEG, which this runner cannot decode as the Python runtime does; save it as "
+                    "RGB first, or answer with `facellava run`");
+    }
+    if (tiff_unassociated_alpha(path)) {
+        // OpenCV reads 8-bit TIFFs through libtiff's RGBA interface, which multiplies the colours by an unassociated
+        // alpha; Pillow keeps them and drops the alpha
+        throw Error(path + " is a TIFF with an unassociated alpha channel, which this runner cannot decode as the "
+                    "Python runtime does; save it without alpha first, or answer with `facellava run`");
+    }
     cv::Mat bgr;
     try {
         // EXIF orientation applied, alpha dropped, grey expanded; 16-bit levels kept for the scaling below
