@@ -735,6 +735,11 @@ def test_a_missing_camera_is_one_line(native, tiny_bundle):
     assert result.returncode == 1
     assert_one_line_error(result, "camera 0 cannot be opened or gives no frame")
     assert_one_line_error(run_native(tiny_bundle, "--camera", 0, "--image", FACE_PHOTO, QUESTION), "only one of")
+    # read before the bundle is opened, as `facellava run` reads it: the camera's error, not the bundle's
+    assert_one_line_error(run_native(tiny_bundle / "missing", "--camera", 0, QUESTION), "camera 0 cannot be opened")
+    python = subprocess.run([sys.executable, "-m", "facellava", "run", str(tiny_bundle / "missing"), "--camera", "0",
+                             QUESTION], capture_output=True, text=True, timeout=600)
+    assert python.returncode == 1 and "camera 0 cannot be opened" in python.stderr, python.stderr
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="raising a priority needs root (or CAP_SYS_NICE)")

@@ -117,6 +117,11 @@ FACELLAVA_EXPORT void facellava_free_faces(facellava_face* faces, size_t count);
  * official question and the max_tokens its longest answer fits in (each may be NULL), or 0 for an unknown name. */
 FACELLAVA_EXPORT int facellava_task(const char* name, const char** question, int* max_tokens);
 
+/* Read one frame of OpenCV camera `camera` now and keep it for the next request with that camera index (the CLI does
+ * this before facellava_open, as `facellava run` reads its frame before it opens the bundle). Returns 1, or 0 and
+ * *error when the camera cannot be opened or gives no frame. */
+FACELLAVA_EXPORT int facellava_capture(int camera, char** error);
+
 /* How many bundle files this process has hashed (sha256) so far. A bundle's files are hashed once and remembered in
  * the Python runtime's verified cache (.verified.json in a bundle this user owns and may write, else the user's cache
  * directory), so a later start hashes only the files changed since (a new size, mtime or ctime). */

@@ -184,6 +184,15 @@ int facellava_task(const char* name, const char** question, int* max_tokens) {
     return 0;
 }
 
+int facellava_capture(int camera, char** error) {
+    if (error != nullptr) *error = nullptr;
+    return guarded(error, [&]() -> int {
+        if (camera < 0) throw facellava::Error("a camera index is 0 or more, got " + std::to_string(camera));
+        facellava::capture_camera_frame(camera);
+        return 1;
+    });
+}
+
 unsigned long facellava_files_hashed(void) { return facellava::files_hashed(); }
 void facellava_close(facellava_runner* runner) { delete runner; }
 void facellava_free(void* memory) { std::free(memory); }

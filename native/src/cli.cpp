@@ -259,6 +259,13 @@ int main(int argc, char** argv) {
         facellava_free(refused);
         return status;
     }
+    // runtime/cli.py reads the camera's frame here, before the bundle is opened: a busy camera is reported first
+    char* captured_error = nullptr;
+    if (request.camera != -1 && facellava_capture(request.camera, &captured_error) == 0) {
+        int status = fail(captured_error);
+        facellava_free(captured_error);
+        return status;
+    }
     // before the library's thread pools start: they inherit it (runtime/cli.py: a refused explicit priority is an
     // error, the default's a warning)
     std::string refused = set_priority(priority.empty() ? "normal" : priority);

@@ -6,6 +6,9 @@
 #include <cstring>
 #include <fstream>
 #include <limits>
+#include <map>
+#include <mutex>
+#include <optional>
 #include <regex>
 
 #include <opencv2/core.hpp>
@@ -244,7 +247,9 @@ Rgb load_image(const std::string& path) {
     return rgb;
 }
 
-Rgb camera_frame(int index) {
+namespace {
+
+Rgb read_camera(int index) {
     quiet_opencv();
     cv::Mat bgr;
     try {
@@ -255,7 +260,31 @@ Rgb camera_frame(int index) {
     }
     if (bgr.empty() || bgr.type() != CV_8UC3)
         throw Error("camera " + std::to_string(index) + " cannot be opened or gives no frame");
-    Rgb rgb = from_bgr(bgr);
+    return from_bgr(bgr);
+}
+
+// frames read by capture_camera_frame and not yet taken, by camera index
+std::mutex captured_mutex;
+std::map<int, Rgb> captured;
+
+}  // namespace
+
+void capture_camera_frame(int index) {
+    Rgb frame = read_camera(index);
+    std::lock_guard<std::mutex> lock(captured_mutex);
+    captured[index] = std::move(frame);
+}
+
+Rgb camera_frame(int index) {
+    std::optional<Rgb> kept;
+    {
+        std::lock_guard<std::mutex> lock(captured_mutex);
+        if (auto found = captured.find(index); found != captured.end()) {
+            kept = std::move(found->second);
+            captured.erase(found);
+        }
+    }
+    Rgb rgb = kept ? std::move(*kept) : read_camera(index);
     check_image(rgb, "camera " + std::to_string(index));
     return rgb;
 }

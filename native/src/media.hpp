@@ -28,7 +28,13 @@ Rgb load_image(const std::string& path);
 
 // One frame of an OpenCV camera (runtime/cli.py's camera_frame) as RGB. Throws Error when it cannot be opened or
 // gives no frame, or the frame is too small for a face.
+// A frame read earlier by capture_camera_frame(index) is taken instead of a new one.
 Rgb camera_frame(int index);
+
+// Read one frame of camera `index` now and keep it for the next camera_frame(index): runtime/cli.py reads its frame
+// before it opens the bundle, so a busy or missing camera is reported before the model loads. Throws Error when the
+// camera cannot be opened or gives no frame.
+void capture_camera_frame(int index);
 
 // Throws Error when `rgb` is smaller than MIN_IMAGE_SIDE on a side; `name` names it.
 void check_image(const Rgb& rgb, const std::string& name);
