@@ -180,9 +180,9 @@ def test_a_writing_command_killed_at_many_instants_leaves_a_bundle_that_answers(
     new = contents(bundle)
     assert new != old
     steps = int(done.stdout.split()[-1])
-    # instants: in the middle of the work (timed); the commit point (the journal), a step in the middle and the
-    # last step of the commit (the synthetic test above kills at every step; each instant here is a whole export)
-    kills = [("after", duration * 0.5), *(("step", n) for n in sorted({1, (steps + 1) // 2, steps}))]
+    # instants: in the middle of the work (timed) and a step in the middle of the commit, past its journal (the
+    # synthetic test above kills at every step of a commit; each instant here is a whole export)
+    kills = [("after", duration * 0.5), ("step", (steps + 1) // 2)]
     seen_states = set()
     for how, when in kills:
         trial = Path(shutil.copytree(tiny_bundle, tmp_path / f"{how}-{when}"))
