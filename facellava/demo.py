@@ -37,9 +37,12 @@ def tiny_checkpoint() -> Path:
 
 def demo_bundle() -> Path:
     """The demo's bundle (FP32 vision graphs for image and video, with and without landmarks; F32 and Q8_0
-    GGUFs), exported once from the tiny checkpoint and cached."""
+    GGUFs; the face front end's graphs), exported once from the tiny checkpoint and cached. What a bundle cached by
+    an older version lacks is added."""
+    from facellava.export.front_end import export_front_end
     from facellava.export.llm import export_llm_bundle
     from facellava.export.vision import export_vision
+    from facellava.runtime.face_graphs import has_front_end_graphs
 
     checkpoint = tiny_checkpoint()
     bundle = cache_dir() / f"{TINY_VERSION}-bundle"
@@ -51,6 +54,9 @@ def demo_bundle() -> Path:
     if "llm" not in kinds:
         print(f"exporting the LLM to {bundle} ...", flush=True)
         export_llm_bundle(checkpoint, bundle, types=DEMO_LLM_TYPES)
+    if manifest is not None and "vision" in kinds and not has_front_end_graphs(manifest):
+        print(f"adding the face front end's graphs to {bundle} (cached before they existed) ...", flush=True)
+        export_front_end(bundle)
     return bundle
 
 

@@ -21,3 +21,18 @@ def test_demo_runs_from_an_empty_cache_and_then_from_the_cache(tmp_path):
     again = subprocess.run(command, capture_output=True, text=True, env=env)
     assert again.returncode == 0 and "exporting" not in again.stdout  # the bundle is reused
     assert again.stdout.split("\nA: ")[1].split("\n")[0] == out.split("\nA: ")[1].split("\n")[0]
+
+    # a bundle cached before the front end's graphs existed gets them added, and answers alike
+    from facellava.bundle import Bundle, BundleWriter
+    from facellava.demo import TINY_VERSION
+    from facellava.runtime.face_graphs import FRONT_END_FILES, has_front_end_graphs
+
+    bundle = tmp_path / "cache" / f"{TINY_VERSION}-bundle"
+    with BundleWriter.transaction(bundle) as writer:
+        for name in FRONT_END_FILES.values():
+            writer.remove(name)
+    assert not has_front_end_graphs(Bundle.open(bundle))
+    old = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert old.returncode == 0 and "adding the face front end's graphs" in old.stdout, old.stderr[-2000:]
+    assert has_front_end_graphs(Bundle.open(bundle))
+    assert old.stdout.split("\nA: ")[1].split("\n")[0] == out.split("\nA: ")[1].split("\n")[0]
