@@ -325,20 +325,14 @@ TensorRtEngine& TensorRtVision::engine(Modality modality, bool landmarks) {
 VisualTokens TensorRtVision::encode(Modality modality, const std::vector<float>& pixel_values,
                                     const std::vector<float>* landmarks) {
     TensorRtEngine& e = engine(modality, landmarks != nullptr);
-    bool video = modality == Modality::video;
-    std::vector<std::int64_t> pixel_shape = {1, 3};
-    if (video) pixel_shape.push_back(contract::NUM_FRAMES);
-    pixel_shape.insert(pixel_shape.end(), {contract::IMAGE_SIZE, contract::IMAGE_SIZE});
+    VisionShapes expected = vision_shapes(modality);
     std::vector<std::string> names = {contract::VISION_INPUTS[0]};
     std::vector<const float*> data = {pixel_values.data()};
-    std::vector<std::vector<std::int64_t>> shapes = {pixel_shape};
+    std::vector<std::vector<std::int64_t>> shapes = {expected.pixel_values};
     if (landmarks != nullptr) {
-        std::vector<std::int64_t> shape = {1};
-        if (video) shape.push_back(contract::NUM_FRAMES);
-        shape.insert(shape.end(), {contract::NUM_LANDMARKS, 2});
         names.push_back(contract::VISION_INPUTS[1]);
         data.push_back(landmarks->data());
-        shapes.push_back(shape);
+        shapes.push_back(expected.landmarks);
     }
     for (std::size_t i = 0; i < names.size(); ++i) {
         std::size_t count = 1;
@@ -350,20 +344,13 @@ VisualTokens TensorRtVision::encode(Modality modality, const std::vector<float>&
     }
     auto outputs = e.run(names, data, shapes);
     TensorRtEngine::Output& out = outputs.at(contract::VISION_OUTPUT);
-    std::vector<std::int64_t> want = {1};
-    if (video) want.push_back(contract::NUM_FRAMES);
-    want.push_back(video ? contract::VIDEO_FRAME_TOKENS : contract::IMAGE_TOKENS);
-    bool same = out.shape.size() == want.size() + 1 && out.shape.back() > 0;
-    for (std::size_t d = 0; same && d < want.size(); ++d) same = out.shape[d] == want[d];
-    if (!same) {
-        std::vector<std::int64_t> expected = want;
-        expected.push_back(-1);
+    if (!matches_tokens(out.shape, expected.tokens)) {
         throw Error(e.name() + " gives visual tokens of shape " + shape_text(dims_of(out.shape)) + ", expected " +
-                    shape_text(dims_of(expected)) + "; export the bundle again");
+                    shape_text(dims_of(expected.tokens)) + "; export the bundle again");
     }
     VisualTokens tokens;
-    tokens.blocks = video ? contract::NUM_FRAMES : 1;
-    tokens.tokens = static_cast<int>(want.back());
+    tokens.blocks = modality == Modality::video ? contract::NUM_FRAMES : 1;
+    tokens.tokens = static_cast<int>(expected.tokens[expected.tokens.size() - 2]);
     tokens.width = static_cast<int>(out.shape.back());
     tokens.values = std::move(out.values);
     return tokens;

@@ -104,41 +104,50 @@ OnnxGraph& OnnxVision::graph(Modality modality, bool landmarks) {
     return *graphs_.emplace(key, std::move(graph)).first->second;
 }
 
+VisionShapes vision_shapes(Modality modality) {
+    bool video = modality == Modality::video;
+    VisionShapes shapes;
+    shapes.pixel_values = {1, 3};
+    shapes.landmarks = {1};
+    shapes.tokens = {1};
+    if (video) {
+        for (auto* shape : {&shapes.pixel_values, &shapes.landmarks, &shapes.tokens})
+            shape->push_back(contract::NUM_FRAMES);
+    }
+    shapes.pixel_values.insert(shapes.pixel_values.end(), {contract::IMAGE_SIZE, contract::IMAGE_SIZE});
+    shapes.landmarks.insert(shapes.landmarks.end(), {contract::NUM_LANDMARKS, 2});
+    shapes.tokens.insert(shapes.tokens.end(), {video ? contract::VIDEO_FRAME_TOKENS : contract::IMAGE_TOKENS, -1});
+    return shapes;
+}
+
+bool matches_tokens(const std::vector<std::int64_t>& shape, const std::vector<std::int64_t>& want) {
+    bool same = shape.size() == want.size() && shape.back() > 0;
+    for (std::size_t d = 0; same && d + 1 < want.size(); ++d) same = shape[d] == want[d];
+    return same;
+}
+
 VisualTokens OnnxVision::encode(Modality modality, const std::vector<float>& pixel_values,
                                 const std::vector<float>* landmarks) {
     OnnxGraph& g = graph(modality, landmarks != nullptr);
-    bool video = modality == Modality::video;
-    std::vector<std::int64_t> pixel_shape = {1, 3};
-    if (video) pixel_shape.push_back(contract::NUM_FRAMES);
-    pixel_shape.insert(pixel_shape.end(), {contract::IMAGE_SIZE, contract::IMAGE_SIZE});
-    std::vector<std::int64_t> landmark_shape = {1};
-    if (video) landmark_shape.push_back(contract::NUM_FRAMES);
-    landmark_shape.insert(landmark_shape.end(), {contract::NUM_LANDMARKS, 2});
+    VisionShapes expected = vision_shapes(modality);
     std::vector<std::string> names = {contract::VISION_INPUTS[0]};
     std::vector<const float*> inputs = {pixel_values.data()};
-    std::vector<std::vector<std::int64_t>> shapes = {pixel_shape};
+    std::vector<std::vector<std::int64_t>> shapes = {expected.pixel_values};
     if (landmarks != nullptr) {
         names.push_back(contract::VISION_INPUTS[1]);
         inputs.push_back(landmarks->data());
-        shapes.push_back(landmark_shape);
+        shapes.push_back(expected.landmarks);
     }
     std::vector<Ort::Value> outputs = g.run(names, inputs, shapes, {contract::VISION_OUTPUT});
     auto info = outputs[0].GetTensorTypeAndShapeInfo();
     std::vector<std::int64_t> shape = info.GetShape();
-    std::vector<std::int64_t> want = {1};
-    if (video) want.push_back(contract::NUM_FRAMES);
-    want.push_back(video ? contract::VIDEO_FRAME_TOKENS : contract::IMAGE_TOKENS);
-    bool same = shape.size() == want.size() + 1 && shape.back() > 0;
-    for (std::size_t d = 0; same && d < want.size(); ++d) same = shape[d] == want[d];
-    if (!same || info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
-        std::vector<std::int64_t> expected = want;
-        expected.push_back(-1);
+    if (!matches_tokens(shape, expected.tokens) || info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
         throw Error(g.name + " returned visual tokens of shape " + shape_text(shape) + ", expected " +
-                    shape_text(expected) + "; export the bundle again");
+                    shape_text(expected.tokens) + "; export the bundle again");
     }
     VisualTokens tokens;
-    tokens.blocks = video ? contract::NUM_FRAMES : 1;
-    tokens.tokens = static_cast<int>(want.back());
+    tokens.blocks = modality == Modality::video ? contract::NUM_FRAMES : 1;
+    tokens.tokens = static_cast<int>(expected.tokens[expected.tokens.size() - 2]);
     tokens.width = static_cast<int>(shape.back());
     const float* data = outputs[0].GetTensorData<float>();
     tokens.values.assign(data, data + info.GetElementCount());

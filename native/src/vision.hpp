@@ -1,6 +1,7 @@
 // The vision graph on ONNX Runtime (CPU): the bundle's graph for the modality, precision and landmark use that
 // runtime/vision.py picks, checked against the contract's inputs and outputs, run on the preprocessed pixels.
 #pragma once
+#include <cstdint>
 #include <map>
 #include <memory>
 #include <string>
@@ -21,6 +22,16 @@ struct VisualTokens {
     std::vector<float> values;
     const float* block(int i) const { return values.data() + static_cast<std::size_t>(i) * tokens * width; }
 };
+
+// The contract's tensors of one request (batch 1) of a modality, as every backend feeds and checks them.
+struct VisionShapes {
+    std::vector<std::int64_t> pixel_values;  // [1,3,224,224] or [1,3,8,224,224]
+    std::vector<std::int64_t> landmarks;     // [1,68,2] or [1,8,68,2]
+    std::vector<std::int64_t> tokens;        // [1,256,-1] or [1,8,256,-1]: the width (-1) is the graph's own
+};
+VisionShapes vision_shapes(Modality modality);
+// Whether `shape` is `want` (VisionShapes::tokens) with a positive width in place of its -1.
+bool matches_tokens(const std::vector<std::int64_t>& shape, const std::vector<std::int64_t>& want);
 
 // A vision backend: visual tokens of the preprocessed pixels (runtime/vision.py's VisionBackend).
 class VisionBackend {
